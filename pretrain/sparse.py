@@ -1,0 +1,324 @@
+"""Submanifold-sparse execution of an unmodified timm convnet.
+
+The sparse semantics are realised on dense tensors whose masked sites are exactly zero:
+every layer that could write a non-zero value to a masked site (convolutions, linear layers on
+feature maps, per-site norms, pooling) is followed by a multiplication with the patch mask at its
+output resolution, and every layer that mixes sites (BatchNorm statistics, max-pooling,
+squeeze-excitation means) only reads visible sites. Pointwise activations keep zeros at zero.
+
+No timm class is edited. Stateless layers get forward hooks; BatchNorm and squeeze-excitation
+layers are rebuilt as subclasses that share the original parameters and buffers, so the model's
+``state_dict`` keys are untouched. The mask lives in a :class:`SparsityContext` owned by one
+encoder instance and is set only for the duration of that encoder's forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from timm.layers import BatchNormAct2d, LayerNorm2d, SEModule
+from timm.models._efficientnet_blocks import SqueezeExcite
+from torch import nn
+
+__all__ = [
+    "SparsityContext",
+    "SparseBatchNorm2d",
+    "SparseBatchNormAct2d",
+    "masked_batch_norm",
+    "sparsify",
+]
+
+
+class SparsityContext:
+    """The patch mask of the current forward pass and its views at every feature resolution.
+
+    ``active`` is a bool tensor ``(B, 1, h, w)`` on the patch grid (True = visible). Views at a
+    resolution ``(H, W)`` that is an integer multiple of the grid are the nearest upsampling of it
+    and are computed once per forward pass and dtype.
+    """
+
+    def __init__(self) -> None:
+        self.active: torch.Tensor | None = None
+        self.sync_batchnorm: bool = True
+        self._views: dict[tuple, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def use(self, active: torch.Tensor | None) -> Iterator[None]:
+        """Make ``active`` the mask seen by every sparse layer inside the ``with`` block."""
+        self.active, self._views = active, {}
+        try:
+            yield
+        finally:
+            self.active, self._views = None, {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.active is not None
+
+    def _bool_mask(self, height: int, width: int) -> torch.Tensor:
+        key = ("bool", height, width)
+        if key not in self._views:
+            active = self.active
+            grid_h, grid_w = active.shape[-2:]
+            if height % grid_h or width % grid_w or height // grid_h != width // grid_w:
+                raise ValueError(
+                    f"feature map of size {height}x{width} is not an integer upsampling of the "
+                    f"{grid_h}x{grid_w} patch grid; the encoder must not downsample beyond its "
+                    "patch size"
+                )
+            scale = height // grid_h
+            mask = active.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+            self._views[key] = mask
+        return self._views[key]
+
+    def mask(
+        self, height: int, width: int, dtype: torch.dtype, channels_last: bool = False
+    ) -> torch.Tensor:
+        """The mask at ``(height, width)`` as ``(B, 1, H, W)`` or, channels-last, ``(B, H, W, 1)``."""
+        key = ("float", height, width, dtype, channels_last)
+        if key not in self._views:
+            mask = self._bool_mask(height, width).to(dtype)
+            self._views[key] = mask.permute(0, 2, 3, 1) if channels_last else mask
+        return self._views[key]
+
+    def bool_mask(self, height: int, width: int) -> torch.Tensor:
+        """The bool mask ``(B, 1, H, W)`` at ``(height, width)``."""
+        return self._bool_mask(height, width)
+
+    def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
+        """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
+        key = ("count", height, width)
+        if key not in self._views:
+            self._views[key] = self._bool_mask(height, width).flatten(1).sum(1).float()
+        return self._views[key]
+
+
+def _all_reduce_if_distributed(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """Sum ``tensor`` over ranks (differentiably) when a multi-process group is running."""
+    if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return torch.distributed.nn.functional.all_reduce(tensor)
+    return tensor
+
+
+def masked_batch_norm(
+    bn: nn.modules.batchnorm._BatchNorm,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    sync: bool = True,
+) -> torch.Tensor:
+    """BatchNorm of ``x`` (B, C, H, W) with statistics over the sites where ``mask`` is 1.
+
+    ``x`` must already be zero at masked sites. In training mode (or without running stats) the
+    batch statistics are those of the visible sites alone, summed over ranks when a process group
+    is running (``sync``), and the running statistics are updated from them. Masked sites of the
+    output are exactly zero.
+    """
+    use_batch_stats = bn.training or bn.running_mean is None
+    if not use_batch_stats:
+        out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return out * mask
+
+    sums = x.sum(dim=(0, 2, 3), dtype=torch.float32)
+    count = mask.sum(dtype=torch.float32).reshape(1)
+    sums_and_count = _all_reduce_if_distributed(torch.cat([sums, count]), sync)
+    count = sums_and_count[-1]
+    mean = sums_and_count[:-1] / count
+    centred = (x - mean.view(1, -1, 1, 1).to(x.dtype)) * mask
+    sq_sums = _all_reduce_if_distributed(centred.pow(2).sum(dim=(0, 2, 3), dtype=torch.float32), sync)
+    var = sq_sums / count
+
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        _update_running_stats(bn, mean.detach(), var.detach(), count.detach())
+
+    inv_std = torch.rsqrt(var + bn.eps)
+    scale = inv_std if bn.weight is None else inv_std * bn.weight
+    out = centred * scale.view(1, -1, 1, 1).to(x.dtype)
+    if bn.bias is not None:
+        out = out + (bn.bias.view(1, -1, 1, 1) * mask).to(x.dtype)
+    return out
+
+
+def _update_running_stats(
+    bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
+) -> None:
+    """Exponential (or cumulative) running-stat update exactly as ``nn.BatchNorm2d`` does it."""
+    bn.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    unbiased = var * count / (count - 1).clamp_min(1)
+    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
+    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+
+
+class _SparseLayer:
+    """Mixin giving a rebuilt layer access to the encoder's :class:`SparsityContext`."""
+
+    sparsity: SparsityContext
+
+
+class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
+    """``nn.BatchNorm2d`` whose statistics cover visible sites only (dense when no mask is set)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sparsity.enabled:
+            return super().forward(x)
+        mask = self.sparsity.mask(x.shape[-2], x.shape[-1], x.dtype)
+        return masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)
+
+
+class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
+    """timm ``BatchNormAct2d`` (norm, dropout, activation) with visible-site statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sparsity.enabled:
+            return super().forward(x)
+        mask = self.sparsity.mask(x.shape[-2], x.shape[-1], x.dtype)
+        x = masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)
+        return self.act(self.drop(x)) * mask
+
+
+def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
+    """Spatial mean of ``x`` (B, C, H, W) over visible sites, shape (B, C, 1, 1)."""
+    if not sparsity.enabled:
+        return x.mean((2, 3), keepdim=True)
+    counts = sparsity.visible_per_sample(x.shape[-2], x.shape[-1]).to(x.dtype)
+    return x.sum((2, 3), keepdim=True) / counts.view(-1, 1, 1, 1)
+
+
+class SparseSEModule(SEModule, _SparseLayer):
+    """timm ``SEModule`` whose squeeze averages visible sites only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.add_maxpool:
+            raise NotImplementedError("SEModule(add_maxpool=True) has no sparse version")
+        x_se = self.fc2(self.act(self.bn(self.fc1(_visible_mean(self.sparsity, x)))))
+        return x * self.gate(x_se)
+
+
+class SparseSqueezeExcite(SqueezeExcite, _SparseLayer):
+    """timm EfficientNet ``SqueezeExcite`` whose squeeze averages visible sites only."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = self.conv_expand(self.act1(self.conv_reduce(_visible_mean(self.sparsity, x))))
+        return x * self.gate(x_se)
+
+
+# Layers rebuilt as a sparse subclass (exact class match; their insides are left dense).
+_REBUILT: dict[type, type] = {
+    nn.BatchNorm2d: SparseBatchNorm2d,
+    BatchNormAct2d: SparseBatchNormAct2d,
+    SEModule: SparseSEModule,
+    SqueezeExcite: SparseSqueezeExcite,
+}
+
+# Layers that mix sites in ways this module does not make sparse.
+_UNSUPPORTED: tuple[type, ...] = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
+
+
+def _rebuild_as(module: nn.Module, cls: type, sparsity: SparsityContext) -> nn.Module:
+    """A new ``cls`` instance sharing ``module``'s parameters, buffers, children and settings."""
+    rebuilt = cls.__new__(cls)
+    rebuilt.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(module).items()})
+    rebuilt.sparsity = sparsity
+    return rebuilt
+
+
+def _mask_output_hook(sparsity: SparsityContext, channels_last: bool) -> Callable:
+    """Forward hook zeroing the masked sites of a 4D output (NCHW, or NHWC if ``channels_last``)."""
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not sparsity.enabled or out.dim() != 4:
+            return None
+        h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[-2], out.shape[-1])
+        return out * sparsity.mask(h, w, out.dtype, channels_last)
+
+    return hook
+
+
+def _max_pool_pre_hook(sparsity: SparsityContext) -> Callable:
+    """Forward pre-hook making masked inputs of a max-pool -inf so they never win."""
+
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        if not sparsity.enabled:
+            return None
+        (x,) = args
+        visible = sparsity.bool_mask(x.shape[-2], x.shape[-1])
+        return (x.masked_fill(~visible, float("-inf")),)
+
+    return hook
+
+
+def _max_pool_hook(sparsity: SparsityContext) -> Callable:
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not sparsity.enabled:
+            return None
+        visible = sparsity.bool_mask(out.shape[-2], out.shape[-1])
+        return out.masked_fill(~visible, 0.0)
+
+    return hook
+
+
+def _avg_pool_hook(sparsity: SparsityContext) -> Callable:
+    """Forward hook turning an average pool into an average over visible inputs only."""
+
+    def hook(module: nn.AvgPool2d, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+        if not sparsity.enabled:
+            return None
+        (x,) = args
+        visible_in = sparsity.mask(x.shape[-2], x.shape[-1], out.dtype)
+        fraction = F.avg_pool2d(
+            visible_in, module.kernel_size, module.stride, module.padding,
+            module.ceil_mode, module.count_include_pad, module.divisor_override,
+        )
+        visible_out = sparsity.mask(out.shape[-2], out.shape[-1], out.dtype)
+        return out / fraction.clamp_min(1e-6) * visible_out
+
+    return hook
+
+
+def _install_hooks(module: nn.Module, sparsity: SparsityContext) -> list:
+    """Hook one stateless layer; returns the hook handles (empty if the layer needs none)."""
+    if isinstance(module, nn.AvgPool2d):
+        return [module.register_forward_hook(_avg_pool_hook(sparsity))]
+    if isinstance(module, nn.MaxPool2d):
+        return [
+            module.register_forward_pre_hook(_max_pool_pre_hook(sparsity)),
+            module.register_forward_hook(_max_pool_hook(sparsity)),
+        ]
+    if isinstance(module, (nn.Conv2d, LayerNorm2d)):
+        return [module.register_forward_hook(_mask_output_hook(sparsity, channels_last=False))]
+    if isinstance(module, (nn.Linear, nn.LayerNorm)):
+        # Applied to feature maps only in channels-last blocks (ConvNeXt's linear MLP).
+        return [module.register_forward_hook(_mask_output_hook(sparsity, channels_last=True))]
+    return []
+
+
+def sparsify(model: nn.Module, sparsity: SparsityContext) -> list:
+    """Make ``model`` compute submanifold-sparsely whenever ``sparsity`` holds a mask.
+
+    Rebuilds BatchNorm and squeeze-excitation layers in place as sparse subclasses and hooks
+    convolutions, linear layers, norms and max-pools. Returns the hook handles. Raises
+    ``NotImplementedError`` for layers that mix sites and have no sparse version.
+    """
+    handles: list = []
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent.named_children():
+            path = f"{prefix}{name}"
+            sparse_cls = _REBUILT.get(type(child))
+            if sparse_cls is not None:
+                setattr(parent, name, _rebuild_as(child, sparse_cls, sparsity))
+                if issubclass(sparse_cls, nn.modules.batchnorm._BatchNorm):
+                    visit(getattr(parent, name), f"{path}.")  # e.g. BatchNormAct2d's act/drop
+                continue  # squeeze-excitation internals act on pooled vectors: left dense
+            if isinstance(child, _UNSUPPORTED):
+                raise NotImplementedError(f"layer {path} ({type(child).__name__}) has no sparse version")
+            handles.extend(_install_hooks(child, sparsity))
+            visit(child, f"{path}.")
+
+    visit(model, "")
+    return handles
