@@ -123,24 +123,32 @@ def masked_batch_norm(
         out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out * mask
 
-    sums = x.sum(dim=(0, 2, 3), dtype=torch.float32)
-    count = mask.sum(dtype=torch.float32).reshape(1)
+    acc = _accumulation_dtype(x)
+    sums = x.sum(dim=(0, 2, 3), dtype=acc)
+    count = mask.sum(dtype=acc).reshape(1)
     sums_and_count = _all_reduce_if_distributed(torch.cat([sums, count]), sync)
     count = sums_and_count[-1]
     mean = sums_and_count[:-1] / count
     centred = (x - mean.view(1, -1, 1, 1).to(x.dtype)) * mask
-    sq_sums = _all_reduce_if_distributed(centred.pow(2).sum(dim=(0, 2, 3), dtype=torch.float32), sync)
-    var = sq_sums / count
+    var = _all_reduce_if_distributed(centred.pow(2).sum(dim=(0, 2, 3), dtype=acc), sync) / count
 
     if bn.training and bn.track_running_stats and bn.running_mean is not None:
         _update_running_stats(bn, mean.detach(), var.detach(), count.detach())
 
-    inv_std = torch.rsqrt(var + bn.eps)
-    scale = inv_std if bn.weight is None else inv_std * bn.weight
-    out = centred * scale.view(1, -1, 1, 1).to(x.dtype)
+    # y = x * alpha + beta on visible sites, the affine form of nn.BatchNorm2d's kernel
+    alpha = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        alpha = alpha * bn.weight
+    beta = -mean * alpha
     if bn.bias is not None:
-        out = out + (bn.bias.view(1, -1, 1, 1) * mask).to(x.dtype)
-    return out
+        beta = beta + bn.bias
+    out = torch.addcmul(beta.view(1, -1, 1, 1).to(x.dtype), x, alpha.view(1, -1, 1, 1).to(x.dtype))
+    return out * mask
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate statistics in double for fp32 CPU tensors (as ATen's CPU kernel does), else fp32."""
+    return torch.float64 if x.device.type == "cpu" and x.dtype == torch.float32 else torch.float32
 
 
 def _update_running_stats(
