@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from timm.layers import BatchNormAct2d, LayerNorm2d, SEModule
+from timm.layers import activations as timm_act
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
@@ -98,11 +99,80 @@ class SparsityContext:
         return self._views[key]
 
 
-def _all_reduce_if_distributed(tensor: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """Sum ``tensor`` over ranks (differentiably) when a multi-process group is running."""
-    if enabled and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return torch.distributed.nn.functional.all_reduce(tensor)
-    return tensor
+def _process_group_size(sync: bool) -> int:
+    """World size to synchronise statistics over (1 when not distributed or ``sync`` is off)."""
+    if sync and dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulate statistics in double for double and fp32 CPU tensors (as ATen's CPU kernel), else fp32."""
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
+    return torch.float64 if cpu_fp32 or x.dtype == torch.float64 else torch.float32
+
+
+def _channel_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.sum(dim=(0, 2, 3), dtype=dtype)
+
+
+def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector as ``(1, C, 1, 1)`` in ``like``'s dtype."""
+    return v.view(1, -1, 1, 1).to(like.dtype)
+
+
+class _MaskedBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over visible sites with a hand-written backward.
+
+    Saves only the input (like ``nn.BatchNorm2d``) instead of autograd's chain of full-size
+    intermediates, and all-reduces the statistics and their gradients over ranks when ``sync``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, eps: float, world: int, bn: nn.modules.batchnorm._BatchNorm | None):
+        acc = _accumulation_dtype(x)
+        stats = torch.cat([_channel_sum(x, acc), mask.sum(dtype=acc).reshape(1)])
+        if world > 1:
+            dist.all_reduce(stats)
+        count, mean = stats[-1], stats[:-1] / stats[-1]
+        centred_sq = _channel_sum(((x - _view(mean, x)) * mask).square_(), acc)
+        if world > 1:
+            dist.all_reduce(centred_sq)
+        var = centred_sq / count
+        if bn is not None:
+            _update_running_stats(bn, mean, var, count)
+        inv_std = torch.rsqrt(var + eps)
+        alpha = inv_std if weight is None else inv_std * weight.to(acc)
+        beta = -mean * alpha if bias is None else bias.to(acc) - mean * alpha
+        out = torch.addcmul(_view(beta, x), x, _view(alpha, x)).mul_(mask)
+        ctx.save_for_backward(x, mask, weight, mean, inv_std, count)
+        ctx.world = world
+        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else x).dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mask, weight, mean, inv_std, count = ctx.saved_tensors
+        acc = mean.dtype
+        grad = grad_out * mask
+        x_hat = (x - _view(mean, x)).mul_(_view(inv_std, x))
+        sum_g = _channel_sum(grad, acc)
+        sum_gx = _channel_sum(grad * x_hat, acc)
+        grad_weight = sum_gx if ctx.needs_input_grad[2] else None
+        grad_bias = sum_g if ctx.needs_input_grad[3] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            sums = torch.stack([sum_g, sum_gx])
+            if ctx.world > 1:
+                sums = sums.clone()
+                dist.all_reduce(sums)
+            scale = inv_std if weight is None else inv_std * weight.to(acc)
+            # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), visible sites only
+            grad_x = x_hat.mul_(_view(-sums[1] / count, x)).add_(_view(-sums[0] / count, x)).add_(grad)
+            grad_x.mul_(_view(scale, x)).mul_(mask)
+        grad_weight = None if grad_weight is None else grad_weight.to(ctx.param_dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(ctx.param_dtype)
+        return grad_x, None, grad_weight, grad_bias, None, None, None
 
 
 def masked_batch_norm(
@@ -113,42 +183,17 @@ def masked_batch_norm(
 ) -> torch.Tensor:
     """BatchNorm of ``x`` (B, C, H, W) with statistics over the sites where ``mask`` is 1.
 
-    ``x`` must already be zero at masked sites. In training mode (or without running stats) the
-    batch statistics are those of the visible sites alone, summed over ranks when a process group
-    is running (``sync``), and the running statistics are updated from them. Masked sites of the
-    output are exactly zero.
+    ``x`` must already be zero at masked sites; ``mask`` is ``(B, 1, H, W)`` in ``x``'s dtype. In
+    training mode (or without running stats) the batch statistics are those of the visible sites
+    alone, summed over ranks when a process group is running (``sync``), and the running
+    statistics are updated from them (unbiased variance, as ``nn.BatchNorm2d``). Masked sites of
+    the output are exactly zero.
     """
-    use_batch_stats = bn.training or bn.running_mean is None
-    if not use_batch_stats:
+    if not bn.training and bn.running_mean is not None:
         out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out * mask
-
-    acc = _accumulation_dtype(x)
-    sums = x.sum(dim=(0, 2, 3), dtype=acc)
-    count = mask.sum(dtype=acc).reshape(1)
-    sums_and_count = _all_reduce_if_distributed(torch.cat([sums, count]), sync)
-    count = sums_and_count[-1]
-    mean = sums_and_count[:-1] / count
-    centred = (x - mean.view(1, -1, 1, 1).to(x.dtype)) * mask
-    var = _all_reduce_if_distributed(centred.pow(2).sum(dim=(0, 2, 3), dtype=acc), sync) / count
-
-    if bn.training and bn.track_running_stats and bn.running_mean is not None:
-        _update_running_stats(bn, mean.detach(), var.detach(), count.detach())
-
-    # y = x * alpha + beta on visible sites, the affine form of nn.BatchNorm2d's kernel
-    alpha = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        alpha = alpha * bn.weight
-    beta = -mean * alpha
-    if bn.bias is not None:
-        beta = beta + bn.bias
-    out = torch.addcmul(beta.view(1, -1, 1, 1).to(x.dtype), x, alpha.view(1, -1, 1, 1).to(x.dtype))
-    return out * mask
-
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate statistics in double for fp32 CPU tensors (as ATen's CPU kernel does), else fp32."""
-    return torch.float64 if x.device.type == "cpu" and x.dtype == torch.float32 else torch.float32
+    tracking = bn if bn.training and bn.track_running_stats and bn.running_mean is not None else None
+    return _MaskedBatchNormFunction.apply(x, mask, bn.weight, bn.bias, bn.eps, _process_group_size(sync), tracking)
 
 
 def _update_running_stats(
@@ -185,8 +230,8 @@ class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
         if not self.sparsity.enabled:
             return super().forward(x)
         mask = self.sparsity.mask(x.shape[-2], x.shape[-1], x.dtype)
-        x = masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)
-        return self.act(self.drop(x)) * mask
+        x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)))
+        return x if isinstance(self.act, ZERO_PRESERVING) else x * mask
 
 
 def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
@@ -215,6 +260,12 @@ class SparseSqueezeExcite(SqueezeExcite, _SparseLayer):
         return x * self.gate(x_se)
 
 
+# Activations with f(0) = 0: applied to a masked map they keep masked sites at zero.
+ZERO_PRESERVING: tuple[type, ...] = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Tanh,
+    timm_act.GELU, timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.GELUTanh,
+)
+
 # Layers rebuilt as a sparse subclass (exact class match; their insides are left dense).
 _REBUILT: dict[type, type] = {
     nn.BatchNorm2d: SparseBatchNorm2d,
@@ -242,7 +293,8 @@ def _mask_output_hook(sparsity: SparsityContext, channels_last: bool) -> Callabl
         if not sparsity.enabled or out.dim() != 4:
             return None
         h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[-2], out.shape[-1])
-        return out * sparsity.mask(h, w, out.dtype, channels_last)
+        # in place: none of the hooked layers keeps its output for backward
+        return out.mul_(sparsity.mask(h, w, out.dtype, channels_last))
 
     return hook
 
@@ -265,7 +317,7 @@ def _max_pool_hook(sparsity: SparsityContext) -> Callable:
         if not sparsity.enabled:
             return None
         visible = sparsity.bool_mask(out.shape[-2], out.shape[-1])
-        return out.masked_fill(~visible, 0.0)
+        return out.masked_fill_(~visible, 0.0)
 
     return hook
 

@@ -1,0 +1,168 @@
+"""Benchmark of full SparK training steps: the sparse encoder against zero-outing, side by side.
+
+``python -m pretrain.bench --model resnet50 --input-size 224 --batch-size 8`` times forward, backward
+and optimiser step of ``SparK(masking='sparse')`` and of the same model with ``masking='zero'`` (the
+dense timm encoder on the zeroed image, same decoder) after warm-up, each in a fresh child process
+so that peak memory is measured per mode, and prints median seconds per step, images/s, peak memory
+(RSS on CPU, max allocated on CUDA) and the sparse/zero ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from timm.optim import create_optimizer_v2
+
+from .spark import MASKINGS, build_spark
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Timing and memory of one masking mode."""
+
+    masking: str
+    median_s: float
+    images_per_s: float
+    peak_mem_mb: float
+    loss: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def run_mode(args: argparse.Namespace, masking: str) -> BenchResult:
+    """Time ``args.steps`` training steps of one masking mode in this process."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_spark(args.model, decoder_width=args.decoder_width, input_size=args.input_size, masking=masking)
+    model.to(device).train()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
+    optimizer = create_optimizer_v2(model, "lamb", lr=1e-4, weight_decay=0.04)
+    step_fn = torch.compile(model) if args.compile else model
+    images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+    images = images.contiguous(memory_format=memory_format)
+    generator = torch.Generator(device=device).manual_seed(0)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], float("nan")
+    for step in range(args.warmup + args.steps):
+        active = model.mask(args.batch_size, device, generator=generator)
+        _sync(device)
+        start = time.perf_counter()
+        with autocast:
+            loss_t = step_fn(images, active)
+        optimizer.zero_grad(set_to_none=True)
+        loss_t.backward()
+        optimizer.step()
+        loss = loss_t.item()
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return BenchResult(masking, median, args.batch_size / median, _peak_memory_mb(device), loss)
+
+
+def _child_command(args: argparse.Namespace, masking: str) -> list[str]:
+    argv = [sys.executable, "-m", "pretrain.bench", "--child", masking, "--model", args.model,
+            "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--device", args.device,
+            "--amp", args.amp, "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--decoder-width", str(args.decoder_width)]
+    argv += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+    return argv
+
+
+def run_in_child(args: argparse.Namespace, masking: str) -> BenchResult:
+    """Run one mode in a fresh interpreter (a clean peak-memory reading) and parse its JSON line."""
+    proc = subprocess.run(_child_command(args, masking), capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark of masking={masking} failed:\n{proc.stderr.strip()}")
+    return BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50", help="timm model name (default resnet50)")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--decoder-width", type=int, default=768)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument("--modes", default=",".join(MASKINGS), help="comma-separated masking modes to time")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--child", choices=MASKINGS, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.input_size % 32:
+        parser.error(f"--input-size {args.input_size} is not divisible by 32")
+    if args.child:
+        print(json.dumps(asdict(run_mode(args, args.child))))
+        return 0
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MASKINGS]
+    if unknown:
+        parser.error(f"unknown masking mode(s) {unknown}; choose from {list(MASKINGS)}")
+    results = {m: run_in_child(args, m) for m in modes}
+    summary = {"settings": {k: v for k, v in vars(args).items() if k != "child"},
+               "device_name": _device_name(args.device), "results": {m: asdict(r) for m, r in results.items()}}
+    if {"sparse", "zero"} <= results.keys():
+        summary["sparse_over_zero_time"] = results["sparse"].median_s / results["zero"].median_s
+        summary["sparse_over_zero_memory"] = results["sparse"].peak_mem_mb / results["zero"].peak_mem_mb
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_table(summary)
+    return 0
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _print_table(summary: dict) -> None:
+    s = summary["settings"]
+    print(f"{s['model']} {s['input_size']}px batch {s['batch_size']} on {summary['device_name']}, "
+          f"amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']}")
+    print(f"{'masking':<8} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
+    for r in summary["results"].values():
+        print(f"{r['masking']:<8} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
+              f"{r['loss']:>8.4f}")
+    if "sparse_over_zero_time" in summary:
+        print(f"sparse/zero: time {summary['sparse_over_zero_time']:.3f}x, "
+              f"memory {summary['sparse_over_zero_memory']:.3f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
