@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from timm.optim import create_optimizer_v2
 
+from .cli import ArgumentParser
 from .spark import MASKINGS, build_spark
 
 
@@ -101,7 +102,7 @@ def run_in_child(args: argparse.Namespace, masking: str) -> BenchResult:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50", help="timm model name (default resnet50)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)

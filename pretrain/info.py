@@ -6,14 +6,16 @@ FLOPs are fvcore's count (one per multiply-accumulate), the convention of table 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict, dataclass
 
+import warnings
+
 import timm
 import torch
-from fvcore.nn import FlopCountAnalysis
+
+from .cli import ArgumentParser
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,9 @@ class ModelInfo:
 
 def model_info(name: str, input_size: int = 224) -> ModelInfo:
     """Parameters (millions) and fvcore FLOPs (billions) of ``timm.create_model(name)`` at ``input_size``."""
+    with warnings.catch_warnings():  # fvcore's import uses the deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
     model = timm.create_model(name).eval()
     params = sum(p.numel() for p in model.parameters())
     flops = FlopCountAnalysis(model, torch.zeros(1, 3, input_size, input_size))
@@ -36,7 +41,7 @@ def model_info(name: str, input_size: int = 224) -> ModelInfo:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.info", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.info", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, nargs="+", help="timm model name(s), e.g. resnet50 convnext_small")
     parser.add_argument("--input-size", type=int, default=224, help="square input resolution (default 224)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per model")

@@ -106,72 +106,78 @@ def _process_group_size(sync: bool) -> int:
     return 1
 
 
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate statistics in double for double and fp32 CPU tensors (as ATen's CPU kernel), else fp32."""
-    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32
-    return torch.float64 if cpu_fp32 or x.dtype == torch.float64 else torch.float32
-
-
-def _channel_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.sum(dim=(0, 2, 3), dtype=dtype)
-
-
 def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-channel vector as ``(1, C, 1, 1)`` in ``like``'s dtype."""
     return v.view(1, -1, 1, 1).to(like.dtype)
 
 
-class _MaskedBatchNormFunction(torch.autograd.Function):
-    """Training-mode BatchNorm over visible sites with a hand-written backward.
+def _visible_mean_var(x: torch.Tensor, mask: torch.Tensor, world: int) -> tuple[torch.Tensor, ...]:
+    """Per-channel mean and biased variance of ``x`` over visible sites, and the visible-site count.
 
-    Saves only the input (like ``nn.BatchNorm2d``) instead of autograd's chain of full-size
-    intermediates, and all-reduces the statistics and their gradients over ranks when ``sync``.
+    ``x`` is zero at masked sites, so ATen's fused BatchNorm statistics pass over all N sites gives them:
+    with r = N / n, mean = r * mean_all and var = r * var_all - r (r - 1) * mean_all^2 (exact at r = 1).
+    Across ranks the per-rank (count, mean, var) are combined with Chan's parallel formula.
+    """
+    mean_all, var_all = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
+    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 stats under autocast
+    var_all, mean_all = var_all.to(stat_dtype), mean_all.to(stat_dtype)
+    count = mask.sum(dtype=stat_dtype)
+    ratio = (x.numel() // x.shape[1]) / count.clamp_min(1.0)
+    mean = ratio * mean_all
+    var = (ratio * var_all - ratio * (ratio - 1) * mean_all.square()).clamp_min(0.0)
+    if world == 1:
+        return mean, var, count
+    local = torch.cat([count.reshape(1), mean, var])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    stats = torch.stack(gathered)  # (world, 1 + 2C)
+    counts, means, variances = stats[:, :1], stats[:, 1 : 1 + mean.numel()], stats[:, 1 + mean.numel() :]
+    total = counts.sum()
+    mean = (counts * means).sum(0) / total
+    var = (counts * (variances + (means - mean).square())).sum(0) / total
+    return mean, var, total
+
+
+class _MaskedBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over visible sites, built on ATen's fused BatchNorm kernels.
+
+    Forward: visible-site statistics in one pass, then the eval-mode BatchNorm kernel with them and
+    a mask multiply. Backward: the eval-mode BatchNorm backward kernel on the masked gradient (which
+    also yields the weight and bias gradients), plus the two mean terms of training-mode BatchNorm
+    over the n visible sites. Saves only the input, like ``nn.BatchNorm2d``. With ``world > 1`` the
+    statistics and the sums of the gradient are reduced over ranks (as SyncBatchNorm does).
     """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, eps: float, world: int, bn: nn.modules.batchnorm._BatchNorm | None):
-        acc = _accumulation_dtype(x)
-        stats = torch.cat([_channel_sum(x, acc), mask.sum(dtype=acc).reshape(1)])
-        if world > 1:
-            dist.all_reduce(stats)
-        count, mean = stats[-1], stats[:-1] / stats[-1]
-        centred_sq = _channel_sum(((x - _view(mean, x)) * mask).square_(), acc)
-        if world > 1:
-            dist.all_reduce(centred_sq)
-        var = centred_sq / count
+        mean, var, count = _visible_mean_var(x, mask, world)
         if bn is not None:
             _update_running_stats(bn, mean, var, count)
-        inv_std = torch.rsqrt(var + eps)
-        alpha = inv_std if weight is None else inv_std * weight.to(acc)
-        beta = -mean * alpha if bias is None else bias.to(acc) - mean * alpha
-        out = torch.addcmul(_view(beta, x), x, _view(alpha, x)).mul_(mask)
-        ctx.save_for_backward(x, mask, weight, mean, inv_std, count)
-        ctx.world = world
-        ctx.param_dtype = (weight if weight is not None else bias if bias is not None else x).dtype
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(mask)
+        ctx.save_for_backward(x, mask, weight, bias, mean, var, count)
+        ctx.eps, ctx.world = eps, world
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, weight, mean, inv_std, count = ctx.saved_tensors
-        acc = mean.dtype
+        x, mask, weight, bias, mean, var, count = ctx.saved_tensors
+        gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
         grad = grad_out * mask
-        x_hat = (x - _view(mean, x)).mul_(_view(inv_std, x))
-        sum_g = _channel_sum(grad, acc)
-        sum_gx = _channel_sum(grad * x_hat, acc)
-        grad_weight = sum_gx if ctx.needs_input_grad[2] else None
-        grad_bias = sum_g if ctx.needs_input_grad[3] else None
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            sums = torch.stack([sum_g, sum_gx])
-            if ctx.world > 1:
-                sums = sums.clone()
-                dist.all_reduce(sums)
-            scale = inv_std if weight is None else inv_std * weight.to(acc)
-            # dx = scale * (g - mean(g) - x_hat * mean(g * x_hat)), visible sites only
-            grad_x = x_hat.mul_(_view(-sums[1] / count, x)).add_(_view(-sums[0] / count, x)).add_(grad)
-            grad_x.mul_(_view(scale, x)).mul_(mask)
-        grad_weight = None if grad_weight is None else grad_weight.to(ctx.param_dtype)
-        grad_bias = None if grad_bias is None else grad_bias.to(ctx.param_dtype)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, gamma, mean, var, None, None, False, ctx.eps,
+            [True, True, True],
+        )
+        sums = torch.stack([grad_bias, grad_weight]).to(mean.dtype)  # sum(g), sum(g * x_hat)
+        if ctx.world > 1:
+            dist.all_reduce(sums)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        g_mean, gx_mean = sums[0] / count, sums[1] / count
+        # training-mode terms: - gamma * inv_std * (mean(g) + x_hat * mean(g * x_hat)) at visible sites
+        x_coef = -gamma * inv_std.square() * gx_mean
+        mask_coef = gamma * inv_std * (mean * inv_std * gx_mean - g_mean)
+        grad_x.addcmul_(x, _view(x_coef, x)).addcmul_(mask, _view(mask_coef, x))
+        grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
         return grad_x, None, grad_weight, grad_bias, None, None, None
 
 
