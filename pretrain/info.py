@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
-
 import warnings
+from dataclasses import asdict, dataclass
 
 import timm
 import torch
