@@ -17,6 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .cli import ArgumentParser
 from .data import DataError, ImageFolderDataset, build_eval_dataset, denormalize
 from .encoder import SparseEncoder
 from .spark import SparK, build_spark
@@ -143,7 +144,7 @@ def _ratio(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m pretrain.visualize`` parser."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description=(
             "Draw figure 4 of the SparK paper: for a few images, the raw image, the masked input, the prediction "

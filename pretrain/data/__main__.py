@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..cli import ArgumentParser
 from .demo import CLASSES, DemoSpec, default_demo_root, make_demo_dataset
 from .folder import DataError, ImageFolderDataset
 
@@ -46,7 +47,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m pretrain.data`` parser with one sub-parser per tool."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Data tools for SparK pretraining.")
+    parser = ArgumentParser(prog=PROG, description="Data tools for SparK pretraining.")
     tools = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
     defaults = DemoSpec()
 
