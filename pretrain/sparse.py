@@ -142,10 +142,11 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over visible sites, built on ATen's fused BatchNorm kernels.
 
     Forward: visible-site statistics in one pass, then the eval-mode BatchNorm kernel with them and
-    a mask multiply. Backward: the eval-mode BatchNorm backward kernel on the masked gradient (which
-    also yields the weight and bias gradients), plus the two mean terms of training-mode BatchNorm
-    over the n visible sites. Saves only the input, like ``nn.BatchNorm2d``. With ``world > 1`` the
-    statistics and the sums of the gradient are reduced over ranks (as SyncBatchNorm does).
+    a mask multiply. Backward: ATen's BatchNorm backward reductions on the masked gradient give the
+    weight and bias gradients; the input gradient (training-mode BatchNorm over the n visible sites)
+    is then formed in place in the masked-gradient buffer. Saves only the input, like
+    ``nn.BatchNorm2d``. With ``world > 1`` the statistics and the sums of the gradient are reduced
+    over ranks (as SyncBatchNorm does).
     """
 
     @staticmethod
@@ -162,20 +163,19 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, weight, bias, mean, var, count = ctx.saved_tensors
         gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
-        grad = grad_out * mask
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, gamma, mean, var, None, None, False, ctx.eps,
-            [True, True, True],
-        )
-        sums = torch.stack([grad_bias, grad_weight]).to(mean.dtype)  # sum(g), sum(g * x_hat)
+        grad = grad_out * mask  # becomes grad_x in place below
+        _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad, x, gamma, mean, var, None, None, False, ctx.eps, [False, True, True]
+        )  # the reductions only: sum(g * x_hat) and sum(g)
+        sums = torch.stack([grad_bias, grad_weight]).to(mean.dtype)
         if ctx.world > 1:
             dist.all_reduce(sums)
         inv_std = torch.rsqrt(var + ctx.eps)
         g_mean, gx_mean = sums[0] / count, sums[1] / count
-        # training-mode terms: - gamma * inv_std * (mean(g) + x_hat * mean(g * x_hat)) at visible sites
+        # grad_x = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, 0 elsewhere
         x_coef = -gamma * inv_std.square() * gx_mean
         mask_coef = gamma * inv_std * (mean * inv_std * gx_mean - g_mean)
-        grad_x.addcmul_(x, _view(x_coef, x)).addcmul_(mask, _view(mask_coef, x))
+        grad_x = grad.mul_(_view(gamma * inv_std, x)).addcmul_(x, _view(x_coef, x)).addcmul_(mask, _view(mask_coef, x))
         grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
         grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
         return grad_x, None, grad_weight, grad_bias, None, None, None
