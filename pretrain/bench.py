@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -115,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--modes", default=",".join(MASKINGS), help="comma-separated masking modes to time")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON summary to FILE")
     parser.add_argument("--child", choices=MASKINGS, help=argparse.SUPPRESS)
     return parser
 
@@ -134,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown masking mode(s) {unknown}; choose from {list(MASKINGS)}")
     results = {m: run_in_child(args, m) for m in modes}
-    summary = {"settings": {k: v for k, v in vars(args).items() if k != "child"},
+    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "save")},
                "device_name": _device_name(args.device), "results": {m: asdict(r) for m, r in results.items()}}
     if {"sparse", "zero"} <= results.keys():
         summary["sparse_over_zero_time"] = results["sparse"].median_s / results["zero"].median_s
         summary["sparse_over_zero_memory"] = results["sparse"].peak_mem_mb / results["zero"].peak_mem_mb
+    if args.save:
+        Path(args.save).write_text(json.dumps(summary, indent=1) + "\n")
     if args.json:
         print(json.dumps(summary))
     else:
