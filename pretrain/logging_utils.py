@@ -1,0 +1,97 @@
+"""Run logs of the main rank: ``metrics.jsonl`` (one line per logging step), TensorBoard scalars, tqdm bars."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from iopath.common.file_io import PathManager
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from .checkpoint import atomic_write, join
+
+__all__ = ["METRICS", "RunLogger", "read_metrics", "setup_logging"]
+
+METRICS = "metrics.jsonl"
+TENSORBOARD_SCALARS = ("loss", "lr", "weight_decay", "grad_norm", "images_per_s")
+
+
+def setup_logging(is_main: bool) -> None:
+    """INFO messages on the main rank, warnings and errors on the others, to stderr."""
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def read_metrics(path: str, pm: PathManager | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file; a partial last line (a crash mid-write) is ignored."""
+    pm = pm or PathManager()
+    if not pm.exists(path):
+        return []
+    records = []
+    with pm.open(path, "r") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class RunLogger:
+    """Writes metrics of the main rank; on other ranks every method is a no-op.
+
+    ``resume_step`` (the optimiser step of the checkpoint a run resumes from) drops metrics lines written
+    after that checkpoint by the interrupted run and purges the same TensorBoard steps, so the logs of a
+    resumed run read as one uninterrupted run.
+    """
+
+    def __init__(self, out: str, enabled: bool, tensorboard: bool, progress: bool, resume_step: int = 0) -> None:
+        self.enabled, self.progress = enabled, progress and enabled
+        self.path = join(out, METRICS)
+        self.pm = PathManager()
+        self.writer: SummaryWriter | None = None
+        if not enabled:
+            return
+        self._truncate(resume_step)
+        if tensorboard:
+            self.writer = SummaryWriter(join(out, "tensorboard"), purge_step=resume_step or None)
+
+    def _truncate(self, resume_step: int) -> None:
+        """Rewrite an existing ``metrics.jsonl`` with the complete records up to ``resume_step``."""
+        if not self.pm.exists(self.path):
+            return
+        kept = [r for r in read_metrics(self.path, self.pm) if r.get("step", 0) <= resume_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write(self.path, lambda handle: handle.write(text), binary=False, pm=self.pm)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append ``record`` (must hold ``step``) to ``metrics.jsonl`` and its scalars to TensorBoard."""
+        if not self.enabled:
+            return
+        with self.pm.open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for name in TENSORBOARD_SCALARS:
+                if record.get(name) is not None:
+                    self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+
+    def bar(self, total: int, initial: int, desc: str) -> tqdm:
+        """A tqdm bar (rate, ETA) over ``total`` optimiser steps; disabled off the main rank or when asked.
+
+        Without a terminal (cluster logs) it refreshes at most every 30 s instead of many times a second.
+        """
+        interactive = sys.stderr.isatty()
+        return tqdm(total=total, initial=initial, desc=desc, unit="it", dynamic_ncols=True,
+                    disable=not self.progress, mininterval=0.5 if interactive else 30.0, file=sys.stderr)
+
+    def close(self) -> None:
+        """Flush TensorBoard."""
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,1 @@
+"""Bundled pretraining presets (YAML data files)."""

@@ -1,0 +1,148 @@
+"""DDP: 2 gloo ranks with batch b equal 1 rank with batch 2b; unused parameters; SLURM/torchrun environments."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pretrain.config import resolve_config
+from pretrain.distributed import (
+    RankSyncedBatchNorm2d,
+    freeze_unused_parameters,
+    init_distributed,
+    shutdown_distributed,
+    sync_batchnorm,
+    world_size_from_environment,
+    wrap_ddp,
+)
+from pretrain.engine import train_step
+from pretrain.optim import build_optimizer
+from pretrain.spark import build_spark
+
+SIZE, PER_RANK, STEPS, ACCUM = 64, 2, 3, 2
+MODELS = ("resnet18", "convnext_atto")  # sparse BN synchronised over ranks; LN model with an unused head.norm
+
+
+def _setup(name: str, world_size: int):
+    """Model, optimiser and config exactly as the runner builds them (same initial weights everywhere)."""
+    cfg = resolve_config("paper", {"model": name, "input_size": SIZE, "decoder_width": 64, "out": "unused",
+                                   "batch_size": PER_RANK * 2 // world_size, "global_batch": 2 * PER_RANK * ACCUM,
+                                   "lr": 0.01, "opt": "sgd"}, world_size=world_size, check_model=False)
+    torch.manual_seed(0)
+    model = build_spark(name, decoder_width=64, input_size=SIZE, densify_norm=cfg.densify_norm)
+    frozen = freeze_unused_parameters(model, torch.randn(2, 3, SIZE, SIZE))
+    if world_size > 1:
+        sync_batchnorm(model)
+    return cfg, model, frozen, build_optimizer(model, cfg)
+
+
+def _data(model, step: int, micro: int):
+    """The global batch (2 x PER_RANK images) of one forward pass and its masks."""
+    generator = torch.Generator().manual_seed(1000 * step + micro)
+    images = torch.randn(2 * PER_RANK, 3, SIZE, SIZE, generator=generator)
+    return images, model.mask(2 * PER_RANK, "cpu", generator=generator)
+
+
+def _train(name: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    cfg, model, frozen, optimizer = _setup(name, world_size)
+    ddp = wrap_ddp(model, init_distributed("cpu")) if world_size > 1 else model
+    share = slice(rank * PER_RANK * 2 // world_size, (rank + 1) * PER_RANK * 2 // world_size)
+    for step in range(STEPS):
+        batches = [tuple(t[share] for t in _data(model, step, micro)) for micro in range(ACCUM)]
+        train_step(ddp, optimizer, batches, cfg, step + 1)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    try:
+        results = {name: _train(name, rank, 2) for name in MODELS}
+    finally:
+        shutdown_distributed()
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_ranks_equal_one_rank_on_the_concatenated_batch(tmp_path):
+    """Same weights (1e-5) after 3 steps of 2 accumulated passes, including BatchNorm running statistics.
+
+    SGD with a large lr probes the gradients linearly; Adam-type updates (m / sqrt(v)) would amplify the
+    float noise of near-zero gradients (e.g. behind timm's zero-initialised last BN of each block).
+    """
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_rank_main, args=(_free_port(), out), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    for name in MODELS:
+        single = _train(name, 0, 1)
+        for key, value in single.items():
+            if value.is_floating_point():
+                torch.testing.assert_close(distributed[name][key], value, atol=1e-5, rtol=0, msg=f"{name} {key}")
+            else:
+                assert torch.equal(distributed[name][key], value), f"{name} {key}"
+        initial = _setup(name, 1)[1].state_dict()
+        moved = max((single[k] - v).abs().max().item() for k, v in initial.items() if k.endswith("weight"))
+        assert moved > 1e-2  # the tolerance is small against what training changed
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("convnext_atto", {"encoder.model.head.norm.weight", "encoder.model.head.norm.bias"}),
+    ("efficientnet_b0", {"encoder.model.conv_head.weight", "encoder.model.bn2.weight", "encoder.model.bn2.bias"}),
+    ("resnet18", set()),
+])
+def test_unused_parameters_are_found_and_the_dry_run_leaves_no_trace(name, expected):
+    torch.manual_seed(0)
+    model = build_spark(name, decoder_width=64, input_size=SIZE)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = torch.randn(2, 3, SIZE, SIZE)
+    rng = torch.get_rng_state()
+    frozen = freeze_unused_parameters(model, probe)
+    assert set(frozen) == expected
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == expected
+
+
+def test_sync_batchnorm_keeps_keys_weights_and_single_rank_outputs():
+    torch.manual_seed(0)
+    model = build_spark("resnet18", decoder_width=64, input_size=SIZE)
+    keys = list(model.state_dict())
+    x = torch.randn(4, 3, SIZE, SIZE)
+    active = model.mask(4, "cpu", generator=torch.Generator().manual_seed(0))
+    reference = model(x, active)
+    torch.manual_seed(0)
+    synced = build_spark("resnet18", decoder_width=64, input_size=SIZE)
+    replaced = sync_batchnorm(synced)
+    assert replaced == sum(isinstance(m, RankSyncedBatchNorm2d) for m in synced.modules()) > 0
+    assert list(synced.state_dict()) == keys
+    assert not any(isinstance(m, RankSyncedBatchNorm2d) for m in synced.encoder.modules())
+    torch.testing.assert_close(synced(x, active), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_slurm_step_environment(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    assert world_size_from_environment() == 8
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("5", "1", "gpu07")
+    assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
+
+
+def test_single_process_without_launcher(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID", "SUBMITIT_EXECUTOR"):
+        monkeypatch.delenv(key, raising=False)
+    env = init_distributed("cpu")
+    assert (env.rank, env.world_size, env.is_main, env.distributed) == (0, 1, True, False)
