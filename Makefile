@@ -26,5 +26,13 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Embedded demo set -> tiny SparK pretraining -> figure-4 reconstructions (a few minutes on 2 CPU cores).
+# Re-running continues or reuses the finished run (--resume auto); delete $(DEMO_DIR) to start over.
+demo: setup
+	test -f $(DEMO_DIR)/data/demo.json || $(PY) -m pretrain.data make-demo $(DEMO_DIR)/data
+	$(PY) -m pretrain --preset tiny --data $(DEMO_DIR)/data/train --out $(DEMO_DIR)/pretrain --resume auto
+	$(PY) -m pretrain.visualize --ckpt $(DEMO_DIR)/pretrain/checkpoint-last.pth --images $(DEMO_DIR)/data/val \
+		--out $(DEMO_DIR)/recon.png
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -11,7 +11,6 @@ import argparse
 import logging
 import random
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,13 +194,13 @@ def _load(path: str, run: _Run, pm: PathManager) -> tuple[TrainState, Any]:
     return state, rng[run.env.rank] if len(rng) == run.env.world_size else None
 
 
-def _result(cfg: PretrainConfig, state: TrainState, data: str, num_images: int, resumed: str | None,
-            wall: float, images: int) -> dict[str, Any]:
+def _result(cfg: PretrainConfig, state: TrainState, data: str, num_images: int, resumed: str | None) -> dict:
     losses = state.epoch_losses
     metrics = {
         "loss_first_epoch": losses[0] if losses else None, "loss_last_epoch": losses[-1] if losses else None,
         "epoch_losses": losses, "epochs": state.epoch, "iterations": state.step, "images_seen": state.images_seen,
-        "skipped_images": state.skipped_images, "wall_time_s": wall, "images_per_s": images / max(wall, 1e-9),
+        "skipped_images": state.skipped_images, "train_time_s": state.train_seconds,
+        "images_per_s": state.images_seen / max(state.train_seconds, 1e-9),
     }
     inputs = {"data": data, "num_images": num_images, "resumed_from": resumed}
     outputs = {"checkpoint": join(cfg.out, CHECKPOINT), "encoder": join(cfg.out, ENCODER)}
@@ -214,7 +213,7 @@ def run(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None) -> O
 
     Raises :class:`ConfigError`, :class:`pretrain.data.DataError` or :class:`RunError` with a one-line message.
     """
-    pm, stop, started = PathManager(), stop or StopRequest(), time.perf_counter()
+    pm, stop = PathManager(), stop or StopRequest()
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.deterministic
     resume_from = _resume_path(cfg, pm)
@@ -236,7 +235,6 @@ def run(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None) -> O
                 cfg.batch_size, env.world_size, cfg.grad_accum_steps, cfg.peak_lr)
     engine = Engine(wrap_ddp(spark, env), lambda b, g: spark.mask(b, env.device, generator=g), optimizer, schedule,
                     cfg, env, run_logger, stop, current.save, per_epoch)
-    start_step = state.step
     try:
         with stop.installed(parse_signals(cfg.stop_signals)):
             if rng is not None:
@@ -258,11 +256,8 @@ def run(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None) -> O
         raise RunError(f"{error} (epoch {state.epoch + 1}); stopped without saving: {kept}") from error
     finally:
         run_logger.close()
-    wall = time.perf_counter() - started
-    images = (state.step - start_step) * cfg.global_batch
     if env.is_main:
-        atomic_write_json(join(cfg.out, "result.json"),
-                          _result(cfg, state, data, len(dataset), resume_from, wall, images), pm)
+        atomic_write_json(join(cfg.out, "result.json"), _result(cfg, state, data, len(dataset), resume_from), pm)
     return Outcome("completed", state, f"done: {state.epoch} epochs, {state.step} iterations; results in {cfg.out}")
 
 

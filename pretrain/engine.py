@@ -51,6 +51,7 @@ class TrainState:
     step: int = 0  # optimiser steps completed in total
     images_seen: int = 0
     skipped_images: int = 0
+    train_seconds: float = 0.0  # wall time spent in training steps, over all resumptions
     epoch_loss_sum: float = 0.0
     epoch_loss_count: int = 0
     epoch_losses: list[float] = field(default_factory=list)
@@ -218,11 +219,13 @@ class Engine:
         batches, window = iter(loader), _Window()
         try:
             while state.step_in_epoch < self.steps_per_epoch:
+                started = time.perf_counter()
                 pairs, skipped = self._batches(batches, state)
                 lr, wd = self.schedule.apply(state.step)
                 result = train_step(self.model, self.optimizer, pairs, self.cfg, state.step + 1, skipped,
                                     self.stop.requested)
                 self._advance(state, result)
+                state.train_seconds += time.perf_counter() - started
                 window.add(result)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", refresh=False)
