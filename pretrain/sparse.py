@@ -164,13 +164,13 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
         x, mask, weight, bias, mean, var, count = ctx.saved_tensors
         gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
         grad = grad_out * mask  # becomes grad_x in place below
+        inv_std = torch.rsqrt(var + ctx.eps)
         _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, gamma, mean, var, None, None, False, ctx.eps, [False, True, True]
+            grad, x, gamma, None, None, mean, inv_std, True, ctx.eps, [False, True, True]
         )  # the reductions only: sum(g * x_hat) and sum(g)
         sums = torch.stack([grad_bias, grad_weight]).to(mean.dtype)
         if ctx.world > 1:
             dist.all_reduce(sums)
-        inv_std = torch.rsqrt(var + ctx.eps)
         g_mean, gx_mean = sums[0] / count, sums[1] / count
         # grad_x = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, 0 elsewhere
         x_coef = -gamma * inv_std.square() * gx_mean
