@@ -22,6 +22,7 @@ from iopath.common.file_io import PathManager
 from .checkpoint import (
     CHECKPOINT,
     ENCODER,
+    CheckpointError,
     atomic_write_json,
     capture_rng,
     encoder_payload,
@@ -211,7 +212,8 @@ def _result(cfg: PretrainConfig, state: TrainState, data: str, num_images: int, 
 def run(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None) -> Outcome:
     """Pretrain as ``cfg`` says on this rank; resumes, checkpoints, logs, and writes ``result.json`` at the end.
 
-    Raises :class:`ConfigError`, :class:`pretrain.data.DataError` or :class:`RunError` with a one-line message.
+    Raises :class:`ConfigError`, :class:`pretrain.data.DataError`, :class:`CheckpointError` or :class:`RunError`
+    with a one-line message.
     """
     pm, stop = PathManager(), stop or StopRequest()
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
@@ -281,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcome = run(cfg, env)
     except ConfigError as error:
         parser.error(str(error))
-    except (DataError, RunError, OSError) as error:
+    except (DataError, RunError, CheckpointError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     finally:

@@ -23,6 +23,7 @@ from iopath.common.file_io import PathManager
 __all__ = [
     "CHECKPOINT",
     "ENCODER",
+    "CheckpointError",
     "atomic_write",
     "atomic_write_json",
     "capture_rng",
@@ -104,31 +105,45 @@ def find_checkpoint(folder: str, pm: PathManager | None = None) -> str | None:
     return None
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or is not a training checkpoint of this runner."""
+
+
 def load_checkpoint(path: str, pm: PathManager | None = None) -> dict[str, Any]:
     """Read a training checkpoint written by this runner (a dict with ``model``, ``optimizer``, ``state``...)."""
     pm = pm or PathManager()
-    with pm.open(path, "rb") as handle:
-        checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
-        raise ValueError(f"{path} is not a SparK training checkpoint (no 'model' and 'config' entries)")
+    try:
+        with pm.open(path, "rb") as handle:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch.load raises many types for damaged files
+        hint = f"; its predecessor {path}{PREVIOUS_SUFFIX} may load (--resume it)" if not path.endswith(
+            PREVIOUS_SUFFIX) and pm.exists(path + PREVIOUS_SUFFIX) else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}{hint}") from error
+    required = {"model", "optimizer", "state", "rng", "config"}
+    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
+        raise CheckpointError(f"{path} is not a training checkpoint of python -m pretrain (needs {sorted(required)})")
     return checkpoint
 
 
 def capture_rng() -> dict[str, Any]:
-    """The states of Python's, NumPy's, torch's CPU and (if present) CUDA random generators."""
+    """The states of Python's, NumPy's, torch's CPU and (if initialised) the current GPU's random generators.
+
+    Only the current device's CUDA state is read: each rank owns one GPU, and touching the others would
+    create a CUDA context on every GPU of the node from every rank.
+    """
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng`."""
+    """Inverse of :func:`capture_rng` (the CUDA state goes to the current device)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def encoder_payload(encoder_state: dict[str, torch.Tensor], model_name: str, meta: dict[str, Any]) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 def reference(data, tmp_path_factory) -> Path:
     """An uninterrupted run (also the end-to-end check of the outputs)."""
     out = tmp_path_factory.mktemp("reference")
-    result = _run(_argv(data, out, "--save-every", "2", "--progress"))
+    result = _run(_argv(data, out, "--save-every", "2", "--snapshot-every", "2", "--progress"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"done: {EPOCHS} epochs" in result.stdout
     assert "epoch 3/3" in result.stderr  # the tqdm bar
@@ -130,6 +130,12 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_unreadable_checkpoint_is_a_runtime_error(capsys, tmp_path, data):
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"truncated")
+    assert main([*TINY, "--data", str(data), "--out", str(tmp_path), "--resume", "auto"]) == 1
+    assert "cannot read checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_existing_run_needs_resume_and_missing_data_is_a_runtime_error(capsys, tmp_path, data):
     (tmp_path / "checkpoint-last.pth").write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
@@ -160,7 +166,8 @@ def test_stop_request_on_sigterm_and_sigusr1():
 def test_outputs_of_a_complete_run(reference):
     names = {p.name for p in reference.iterdir()}
     assert {"config.json", "metrics.jsonl", "checkpoint-last.pth", "encoder_timm.pth", "result.json",
-            "tensorboard"} <= names
+            "tensorboard", "checkpoint-ep0002.pth"} <= names
+    assert not [n for n in names if n.startswith("checkpoint-ep") and n != "checkpoint-ep0002.pth"]
     assert not [n for n in names if n.endswith(".tmp")]
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
@@ -207,13 +214,14 @@ def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(data, reference, 
     assert _steps(tmp_path) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))  # no duplicated log lines
 
 
-def test_sigterm_saves_and_exits_cleanly_then_resume_finishes_identically(data, reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGUSR1, marks=pytest.mark.slow)])
+def test_stop_signal_saves_and_exits_cleanly_then_resume_finishes_identically(data, reference, tmp_path, sig):
     proc = _start(_argv(data, tmp_path, "--save-every", "100"))
     _wait_for_step(proc, tmp_path, 2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped by SIGTERM" in stdout and "--resume auto" in stdout
+    assert f"stopped by {sig.name}" in stdout and "--resume auto" in stdout
     stopped_at = _checkpoint(tmp_path)["iteration"]
     assert 2 <= stopped_at < EPOCHS * STEPS_PER_EPOCH and not (tmp_path / "result.json").exists()
     resumed = _run(_argv(data, tmp_path, "--save-every", "100", "--resume", "auto"))
