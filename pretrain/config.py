@@ -41,7 +41,8 @@ class ConfigError(ValueError):
     """A configuration that cannot run: unknown key, bad value, inconsistent batch sizes, unknown model."""
 
 
-def _opt(help_text: str, default: Any = dataclasses.MISSING, choices: Sequence[str] | None = None, **kw: Any) -> Any:
+def _setting(help_text: str, default: Any = dataclasses.MISSING, choices: Sequence[str] | None = None,
+             **kw: Any) -> Any:
     """A dataclass field with its command-line help (and choices) as metadata."""
     meta = {"help": help_text, "choices": tuple(choices) if choices else None, **kw}
     if isinstance(default, list):
@@ -54,60 +55,60 @@ class PretrainConfig:
     """Everything a pretraining run depends on. Hyperparameters without a default come from the preset."""
 
     # --- model
-    model: str = _opt("timm model name of the encoder (any convnet with stride-4..32 stages)")
-    input_size: int = _opt("training resolution in pixels (multiple of patch_size)")
-    patch_size: int = _opt("mask patch size; must equal the encoder's total downsampling (32)")
-    mask_ratio: float = _opt("fraction of patches masked")
-    decoder_width: int = _opt("channels entering the light decoder (divisible by 32)")
-    densify_norm: str = _opt("norm of the densified maps (auto: bn for BN nets, ln otherwise)",
-                             choices=("auto", "bn", "ln", "none"))
-    masking: str = _opt("sparse (SparK) or zero (zero-outing ablation, table 5)", choices=("sparse", "zero"))
-    hierarchy: bool = _opt("decode from all four scales (false: coarsest only, table 5)")
-    ape: bool = _opt("add learnable absolute positional embeddings (table 5)")
-    loss_on: str = _opt("patches the loss covers (table 5)", choices=("masked", "all"))
-    drop_path_rate: float = _opt("stochastic depth rate of the encoder")
+    model: str = _setting("timm model name of the encoder (any convnet with stride-4..32 stages)")
+    input_size: int = _setting("training resolution in pixels (multiple of patch_size)")
+    patch_size: int = _setting("mask patch size; must equal the encoder's total downsampling (32)")
+    mask_ratio: float = _setting("fraction of patches masked")
+    decoder_width: int = _setting("channels entering the light decoder (divisible by 32)")
+    densify_norm: str = _setting("norm of the densified maps (auto: bn for BN nets, ln otherwise)",
+                                 choices=("auto", "bn", "ln", "none"))
+    masking: str = _setting("sparse (SparK) or zero (zero-outing ablation, table 5)", choices=("sparse", "zero"))
+    hierarchy: bool = _setting("decode from all four scales (false: coarsest only, table 5)")
+    ape: bool = _setting("add learnable absolute positional embeddings (table 5)")
+    loss_on: str = _setting("patches the loss covers (table 5)", choices=("masked", "all"))
+    drop_path_rate: float = _setting("stochastic depth rate of the encoder")
     # --- data
-    data: str = _opt("training images (ImageNet layout or a flat folder); empty: the embedded demo set", "")
-    crop_scale: list[float] = _opt("RandomResizedCrop area range, two numbers", nargs=2)
-    workers: int = _opt("data loader worker processes per rank", 8)
+    data: str = _setting("training images (ImageNet layout or a flat folder); empty: the embedded demo set", "")
+    crop_scale: list[float] = _setting("RandomResizedCrop area range, two numbers", nargs=2)
+    workers: int = _setting("data loader worker processes per rank", 8)
     # --- optimisation
-    opt: str = _opt("optimiser (timm)", choices=OPTIMIZERS)
-    base_lr: float = _opt("peak lr per 256 images; peak lr = base_lr x global_batch / 256")
-    lr: float | None = _opt("absolute peak lr (overrides base_lr scaling)")
-    beta1: float = _opt("first Adam/LAMB moment coefficient")
-    beta2: float = _opt("second Adam/LAMB moment coefficient")
-    momentum: float = _opt("SGD momentum")
-    weight_decay: float = _opt("weight decay at the start (0 disables decay)")
-    weight_decay_end: float = _opt("weight decay at the end of the cosine schedule")
-    clip_grad: float = _opt("clip the global gradient norm to this value (0: no clipping)")
-    epochs: int = _opt("training epochs")
-    warmup_epochs: float = _opt("linear lr warm-up epochs")
-    warmup_lr_ratio: float = _opt("warm-up starts at this fraction of the peak lr")
-    min_lr_ratio: float = _opt("the cosine ends at this fraction of the peak lr")
-    global_batch: int = _opt("images per optimiser step over all ranks (with gradient accumulation)")
-    batch_size: int = _opt("images per rank per forward pass")
+    opt: str = _setting("optimiser (timm)", choices=OPTIMIZERS)
+    base_lr: float = _setting("peak lr per 256 images; peak lr = base_lr x global_batch / 256")
+    lr: float | None = _setting("absolute peak lr (overrides base_lr scaling)")
+    beta1: float = _setting("first Adam/LAMB moment coefficient")
+    beta2: float = _setting("second Adam/LAMB moment coefficient")
+    momentum: float = _setting("SGD momentum")
+    weight_decay: float = _setting("weight decay at the start (0 disables decay)")
+    weight_decay_end: float = _setting("weight decay at the end of the cosine schedule")
+    clip_grad: float = _setting("clip the global gradient norm to this value (0: no clipping)")
+    epochs: int = _setting("training epochs")
+    warmup_epochs: float = _setting("linear lr warm-up epochs")
+    warmup_lr_ratio: float = _setting("warm-up starts at this fraction of the peak lr")
+    min_lr_ratio: float = _setting("the cosine ends at this fraction of the peak lr")
+    global_batch: int = _setting("images per optimiser step over all ranks (with gradient accumulation)")
+    batch_size: int = _setting("images per rank per forward pass")
     # --- precision and speed
-    amp: str = _opt("autocast dtype on CPU and GPU", "none", choices=AMP_MODES)
-    channels_last: bool = _opt("channels-last memory format for model and images", False)
-    device: str = _opt("device; auto: the rank's GPU if any, else CPU", "auto", choices=DEVICES)
-    deterministic: bool = _opt("deterministic algorithms (slower; for exact reproduction)", False)
+    amp: str = _setting("autocast dtype on CPU and GPU", "none", choices=AMP_MODES)
+    channels_last: bool = _setting("channels-last memory format for model and images", False)
+    device: str = _setting("device; auto: the rank's GPU if any, else CPU", "auto", choices=DEVICES)
+    deterministic: bool = _setting("deterministic algorithms (slower; for exact reproduction)", False)
     # --- run, checkpoints and logs
-    out: str = _opt("run folder (config, metrics, checkpoints, result)", "")
-    resume: str = _opt("'auto' continues from OUT/checkpoint-last.pth if present; or a checkpoint path", "")
-    seed: int = _opt("random seed", 0)
-    save_every: int = _opt("save checkpoint-last.pth every N optimiser steps (0: only at epoch ends)", 500)
-    snapshot_every: int = _opt("also keep checkpoint-epNNNN.pth every N epochs (0: never)", 0)
-    log_every: int = _opt("write metrics every N optimiser steps", 20)
-    tensorboard: bool = _opt("write TensorBoard scalars to OUT/tensorboard", True)
-    progress: bool = _opt("show a progress bar on the main rank", True)
-    stop_signals: list[str] = _opt("signals that save a checkpoint and stop cleanly", ["SIGTERM", "SIGUSR1"],
-                                   nargs="+")
-    dist_timeout_min: int = _opt("timeout of collective operations in minutes", 30)
-    preset: str = _opt("preset the run was resolved from", "paper", internal=True)
+    out: str = _setting("run folder (config, metrics, checkpoints, result)", "")
+    resume: str = _setting("'auto' continues from OUT/checkpoint-last.pth if present; or a checkpoint path", "")
+    seed: int = _setting("random seed", 0)
+    save_every: int = _setting("save checkpoint-last.pth every N optimiser steps (0: only at epoch ends)", 500)
+    snapshot_every: int = _setting("also keep checkpoint-epNNNN.pth every N epochs (0: never)", 0)
+    log_every: int = _setting("write metrics every N optimiser steps", 20)
+    tensorboard: bool = _setting("write TensorBoard scalars to OUT/tensorboard", True)
+    progress: bool = _setting("show a progress bar on the main rank", True)
+    stop_signals: list[str] = _setting("signals that save a checkpoint and stop cleanly", ["SIGTERM", "SIGUSR1"],
+                                       nargs="+")
+    dist_timeout_min: int = _setting("timeout of collective operations in minutes", 30)
+    preset: str = _setting("preset the run was resolved from", "paper", internal=True)
     # --- derived at resolution (not settable)
-    peak_lr: float = _opt("peak learning rate actually used", 0.0, derived=True)
-    world_size: int = _opt("number of ranks", 1, derived=True)
-    grad_accum_steps: int = _opt("forward passes per optimiser step on each rank", 1, derived=True)
+    peak_lr: float = _setting("peak learning rate actually used", 0.0, derived=True)
+    world_size: int = _setting("number of ranks", 1, derived=True)
+    grad_accum_steps: int = _setting("forward passes per optimiser step on each rank", 1, derived=True)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable dict (the content of ``config.json``)."""
