@@ -32,6 +32,7 @@ from .checkpoint import (
     restore_rng,
     save_torch,
 )
+from .cli import ArgumentParser
 from .config import ConfigError, PretrainConfig, add_config_arguments, resolve_config
 from .data import DataError, build_pretrain_dataset, ensure_demo_data
 from .distributed import (
@@ -110,7 +111,7 @@ class _Run:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m pretrain`` parser: run options plus one flag per config field."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=PROG,
         description="SparK pretraining of a timm convnet (paper section 4.1). Values come from --preset and "
                     "are overridden by the flags given. Writes OUT/config.json, metrics.jsonl, tensorboard/, "

@@ -144,8 +144,7 @@ class RankSyncedBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        everywhere = x.new_ones(x.shape[0], 1, *x.shape[2:])
-        return masked_batch_norm(self, x, everywhere, sync=True)
+        return masked_batch_norm(self, x, None, sync=True)
 
 
 def sync_batchnorm(module: nn.Module) -> int:

@@ -61,11 +61,7 @@ class Densify(nn.Module):
 
     def forward(self, feat: torch.Tensor, visible: torch.Tensor | None, sync_bn: bool = True) -> torch.Tensor:
         """``feat`` (B, C, h, w) zero at masked sites; ``visible`` float (B, 1, h, w) or None if dense."""
-        if self.norm_kind == "bn":
-            mask = visible if visible is not None else feat.new_ones(feat.shape[0], 1, *feat.shape[-2:])
-            feat = masked_batch_norm(self.norm, feat, mask, sync_bn)
-        else:
-            feat = self.norm(feat)
+        feat = masked_batch_norm(self.norm, feat, visible, sync_bn) if self.norm_kind == "bn" else self.norm(feat)
         if visible is not None:
             feat = torch.lerp(self.mask_token.to(feat.dtype).expand_as(feat), feat, visible)
         if self.pos_embed is not None:

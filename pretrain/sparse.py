@@ -184,22 +184,29 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
 def masked_batch_norm(
     bn: nn.modules.batchnorm._BatchNorm,
     x: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     sync: bool = True,
 ) -> torch.Tensor:
     """BatchNorm of ``x`` (B, C, H, W) with statistics over the sites where ``mask`` is 1.
 
-    ``x`` must already be zero at masked sites; ``mask`` is ``(B, 1, H, W)`` in ``x``'s dtype. In
+    ``x`` must already be zero at masked sites; ``mask`` is ``(B, 1, H, W)`` in ``x``'s dtype, or None
+    when every site is visible (then the plain BatchNorm kernel runs unless ranks must sync). In
     training mode (or without running stats) the batch statistics are those of the visible sites
     alone, summed over ranks when a process group is running (``sync``), and the running
     statistics are updated from them (unbiased variance, as ``nn.BatchNorm2d``). Masked sites of
     the output are exactly zero.
     """
-    if not bn.training and bn.running_mean is not None:
+    use_batch_stats = bn.training or bn.running_mean is None
+    world = _process_group_size(sync)
+    if mask is None and (not use_batch_stats or world == 1):  # dense and local: nn.BatchNorm2d itself
+        return nn.BatchNorm2d.forward(bn, x)
+    if not use_batch_stats:
         out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         return out * mask
+    if mask is None:  # dense, statistics summed over ranks
+        mask = x.new_ones(x.shape[0], 1, *x.shape[2:])
     tracking = bn if bn.training and bn.track_running_stats and bn.running_mean is not None else None
-    return _MaskedBatchNormFunction.apply(x, mask, bn.weight, bn.bias, bn.eps, _process_group_size(sync), tracking)
+    return _MaskedBatchNormFunction.apply(x, mask, bn.weight, bn.bias, bn.eps, world, tracking)
 
 
 def _update_running_stats(
@@ -223,21 +230,21 @@ class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
     """``nn.BatchNorm2d`` whose statistics cover visible sites only (dense when no mask is set)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sparsity.enabled:
-            return super().forward(x)
-        mask = self.sparsity.mask(x.shape[-2], x.shape[-1], x.dtype)
-        return masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)
+        return masked_batch_norm(self, x, _site_mask(self.sparsity, x), self.sparsity.sync_batchnorm)
 
 
 class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
     """timm ``BatchNormAct2d`` (norm, dropout, activation) with visible-site statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sparsity.enabled:
-            return super().forward(x)
-        mask = self.sparsity.mask(x.shape[-2], x.shape[-1], x.dtype)
+        mask = _site_mask(self.sparsity, x)
         x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)))
-        return x if isinstance(self.act, ZERO_PRESERVING) else x * mask
+        return x if mask is None or isinstance(self.act, ZERO_PRESERVING) else x * mask
+
+
+def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor | None:
+    """The mask at ``x``'s resolution, or None for a dense pass."""
+    return sparsity.mask(x.shape[-2], x.shape[-1], x.dtype) if sparsity.enabled else None
 
 
 def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
