@@ -19,7 +19,7 @@ from submitit.helpers import TorchDistributedEnvironment
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .sparse import masked_batch_norm
+from .sparse import masked_batch_norm, rebuild_as
 
 __all__ = [
     "DistEnv",
@@ -157,9 +157,7 @@ def sync_batchnorm(module: nn.Module) -> int:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.BatchNorm2d:
-                synced = RankSyncedBatchNorm2d.__new__(RankSyncedBatchNorm2d)
-                synced.__dict__.update(child.__dict__)
-                setattr(parent, name, synced)
+                setattr(parent, name, rebuild_as(child, RankSyncedBatchNorm2d))
                 replaced += 1
     return replaced
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ __all__ = [
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
     "masked_batch_norm",
+    "rebuild_as",
     "sparsify",
 ]
 
@@ -280,22 +282,22 @@ ZERO_PRESERVING: tuple[type, ...] = (
 )
 
 # Layers rebuilt as a sparse subclass (exact class match; their insides are left dense).
-_REBUILT: dict[type, type] = {
+_REBUILT: Mapping[type, type] = MappingProxyType({
     nn.BatchNorm2d: SparseBatchNorm2d,
     BatchNormAct2d: SparseBatchNormAct2d,
     SEModule: SparseSEModule,
     SqueezeExcite: SparseSqueezeExcite,
-}
+})
 
 # Layers that mix sites in ways this module does not make sparse.
 _UNSUPPORTED: tuple[type, ...] = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
 
 
-def _rebuild_as(module: nn.Module, cls: type, sparsity: SparsityContext) -> nn.Module:
-    """A new ``cls`` instance sharing ``module``'s parameters, buffers, children and settings."""
+def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
+    """A new instance of ``cls`` (a subclass of ``type(module)``) sharing ``module``'s parameters,
+    buffers, children and settings, so state-dict keys and values are unchanged."""
     rebuilt = cls.__new__(cls)
     rebuilt.__dict__.update({k: copy.copy(v) if isinstance(v, dict) else v for k, v in vars(module).items()})
-    rebuilt.sparsity = sparsity
     return rebuilt
 
 
@@ -384,7 +386,9 @@ def sparsify(model: nn.Module, sparsity: SparsityContext) -> list:
             path = f"{prefix}{name}"
             sparse_cls = _REBUILT.get(type(child))
             if sparse_cls is not None:
-                setattr(parent, name, _rebuild_as(child, sparse_cls, sparsity))
+                rebuilt = rebuild_as(child, sparse_cls)
+                rebuilt.sparsity = sparsity
+                setattr(parent, name, rebuilt)
                 if issubclass(sparse_cls, nn.modules.batchnorm._BatchNorm):
                     visit(getattr(parent, name), f"{path}.")  # e.g. BatchNormAct2d's act/drop
                 continue  # squeeze-excitation internals act on pooled vectors: left dense

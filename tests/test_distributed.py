@@ -35,7 +35,8 @@ def _setup(name: str, world_size: int):
     """Model, optimiser and config exactly as the runner builds them (same initial weights everywhere)."""
     cfg = resolve_config("paper", {"model": name, "input_size": SIZE, "decoder_width": 64, "out": "unused",
                                    "batch_size": PER_RANK * 2 // world_size, "global_batch": 2 * PER_RANK * ACCUM,
-                                   "lr": 0.01, "opt": "sgd"}, world_size=world_size, check_model=False)
+                                   "lr": 0.01, "opt": "sgd", "amp": "none", "channels_last": False},
+                         world_size=world_size, check_model=False)
     torch.manual_seed(0)
     model = build_spark(name, decoder_width=64, input_size=SIZE, densify_norm=cfg.densify_norm)
     frozen = freeze_unused_parameters(model, torch.randn(2, 3, SIZE, SIZE))

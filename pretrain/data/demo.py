@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -47,21 +48,23 @@ _CROSS = np.array(
     dtype=float,
 )  # fmt: skip
 
-SHAPES: dict[str, np.ndarray] = {
+SHAPES: Mapping[str, np.ndarray] = MappingProxyType({
     "circle": _regular(48),
     "square": _regular(4) / np.sqrt(2) * 1.25,
     "triangle": _regular(3),
     "star": _regular(5, inner=0.42),
     "cross": _CROSS,
-}
+})
+for _outline in SHAPES.values():
+    _outline.setflags(write=False)
 
 # Texture patterns: f(u, v, period) -> bool map, on texture coordinates (pixels, rotated at random).
-TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = {
+TEXTURES: Mapping[str, Callable[[np.ndarray, np.ndarray, float], np.ndarray]] = MappingProxyType({
     "stripes": lambda u, v, p: (u // (p / 2)) % 2 == 0,
     "checker": lambda u, v, p: ((u // (p / 2)) + (v // (p / 2))) % 2 == 0,
     "dots": lambda u, v, p: np.hypot(u % p - p / 2, v % p - p / 2) < 0.3 * p,
     "plain": lambda u, v, p: np.ones_like(u, dtype=bool),
-}
+})
 
 CLASSES: tuple[str, ...] = tuple(f"{shape}-{texture}" for shape in SHAPES for texture in TEXTURES)
 
