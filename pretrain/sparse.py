@@ -93,6 +93,13 @@ class SparsityContext:
         """The bool mask ``(B, 1, H, W)`` at ``(height, width)``."""
         return self._bool_mask(height, width)
 
+    def visible_count(self, height: int, width: int) -> torch.Tensor:
+        """Number of visible sites in the whole batch at ``(height, width)``, a float32 scalar tensor."""
+        key = ("total", height, width)
+        if key not in self._views:
+            self._views[key] = self._bool_mask(height, width).sum(dtype=torch.float32)
+        return self._views[key]
+
     def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
         """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
         key = ("count", height, width)
@@ -113,20 +120,22 @@ def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1).to(like.dtype)
 
 
-def _visible_mean_var(x: torch.Tensor, mask: torch.Tensor, world: int) -> tuple[torch.Tensor, ...]:
-    """Per-channel mean and biased variance of ``x`` over visible sites, and the visible-site count.
+def _visible_mean_var(
+    x: torch.Tensor, count: torch.Tensor, world: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` over its ``count`` visible sites, and the count
+    over all ranks.
 
     ``x`` is zero at masked sites, so ATen's fused BatchNorm statistics pass over all N sites gives them:
-    with r = N / n, mean = r * mean_all and var = r * var_all - r (r - 1) * mean_all^2 (exact at r = 1).
+    with r = N / n, mean = r * mean_all and var = r * (var_all - (r - 1) * mean_all^2) (exact at r = 1).
     Across ranks the per-rank (count, mean, var) are combined with Chan's parallel formula.
     """
     mean_all, var_all = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
     stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 stats under autocast
-    var_all, mean_all = var_all.to(stat_dtype), mean_all.to(stat_dtype)
-    count = mask.sum(dtype=stat_dtype)
+    var_all, mean_all, count = var_all.to(stat_dtype), mean_all.to(stat_dtype), count.to(stat_dtype)
     ratio = (x.numel() // x.shape[1]) / count.clamp_min(1.0)
-    mean = ratio * mean_all
-    var = (ratio * var_all - ratio * (ratio - 1) * mean_all.square()).clamp_min(0.0)
+    mean = mean_all * ratio
+    var = torch.addcmul(var_all, mean_all.square(), ratio - 1, value=-1).mul_(ratio).clamp_min_(0.0)
     if world == 1:
         return mean, var, count
     local = torch.cat([count.reshape(1), mean, var])
@@ -152,35 +161,38 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, mask, weight, bias, eps: float, world: int, bn: nn.modules.batchnorm._BatchNorm | None):
-        mean, var, count = _visible_mean_var(x, mask, world)
+    def forward(ctx, x, mask, count, weight, bias, eps: float, world: int, bn: nn.modules.batchnorm._BatchNorm | None):
+        mean, var, count = _visible_mean_var(x, count, world)
         if bn is not None:
             _update_running_stats(bn, mean, var, count)
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(mask)
-        ctx.save_for_backward(x, mask, weight, bias, mean, var, count)
-        ctx.eps, ctx.world = eps, world
+        inv_std = torch.rsqrt(var + eps)
+        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
+        ctx.save_for_backward(x, mask, mean, inv_std, scale, count)
+        ctx.world = world
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, weight, bias, mean, var, count = ctx.saved_tensors
-        gamma = weight.to(mean.dtype) if weight is not None else torch.ones_like(mean)
+        x, mask, mean, inv_std, scale, count = ctx.saved_tensors
         grad = grad_out * mask  # becomes grad_x in place below
-        inv_std = torch.rsqrt(var + ctx.eps)
-        _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad, x, gamma, None, None, mean, inv_std, True, ctx.eps, [False, True, True]
+        _, sum_gx_hat, sum_g = torch.ops.aten.native_batch_norm_backward(
+            grad, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True]
         )  # the reductions only: sum(g * x_hat) and sum(g)
-        sums = torch.stack([grad_bias, grad_weight]).to(mean.dtype)
+        sums = torch.stack([sum_g, sum_gx_hat]).to(mean.dtype)
         if ctx.world > 1:
             dist.all_reduce(sums)
-        g_mean, gx_mean = sums[0] / count, sums[1] / count
-        # grad_x = gamma * inv_std * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, 0 elsewhere
-        x_coef = -gamma * inv_std.square() * gx_mean
-        mask_coef = gamma * inv_std * (mean * inv_std * gx_mean - g_mean)
-        grad_x = grad.mul_(_view(gamma * inv_std, x)).addcmul_(x, _view(x_coef, x)).addcmul_(mask, _view(mask_coef, x))
-        grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[3] else None
-        return grad_x, None, grad_weight, grad_bias, None, None, None
+        g_mean, gx_mean = sums / count
+        # grad_x = scale * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, 0 elsewhere, with
+        # x_hat = (x - mean) * inv_std and x = 0 at masked sites: scale * g + a * x + b * mask
+        t = inv_std * gx_mean
+        coefs = torch.stack([scale, -scale * t, scale * (mean * t - g_mean)]).to(x.dtype).view(3, 1, -1, 1, 1)
+        grad_x = grad.mul_(coefs[0]).addcmul_(x, coefs[1]).addcmul_(mask, coefs[2])
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        grad_weight = sum_gx_hat.to(weight_dtype) if weight_dtype is not None and ctx.needs_input_grad[3] else None
+        grad_bias = sum_g.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_weight, grad_bias, None, None, None
 
 
 def masked_batch_norm(
@@ -188,15 +200,16 @@ def masked_batch_norm(
     x: torch.Tensor,
     mask: torch.Tensor | None,
     sync: bool = True,
+    count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BatchNorm of ``x`` (B, C, H, W) with statistics over the sites where ``mask`` is 1.
 
     ``x`` must already be zero at masked sites; ``mask`` is ``(B, 1, H, W)`` in ``x``'s dtype, or None
-    when every site is visible (then the plain BatchNorm kernel runs unless ranks must sync). In
-    training mode (or without running stats) the batch statistics are those of the visible sites
-    alone, summed over ranks when a process group is running (``sync``), and the running
-    statistics are updated from them (unbiased variance, as ``nn.BatchNorm2d``). Masked sites of
-    the output are exactly zero.
+    when every site is visible (then the plain BatchNorm kernel runs unless ranks must sync); ``count``
+    is ``mask.sum()`` when the caller has it already. In training mode (or without running stats)
+    the batch statistics are those of the visible sites alone, summed over ranks when a process
+    group is running (``sync``), and the running statistics are updated from them (unbiased
+    variance, as ``nn.BatchNorm2d``). Masked sites of the output are exactly zero.
     """
     use_batch_stats = bn.training or bn.running_mean is None
     world = _process_group_size(sync)
@@ -207,8 +220,10 @@ def masked_batch_norm(
         return out * mask
     if mask is None:  # dense, statistics summed over ranks
         mask = x.new_ones(x.shape[0], 1, *x.shape[2:])
+    if count is None:
+        count = mask.sum(dtype=torch.float32)
     tracking = bn if bn.training and bn.track_running_stats and bn.running_mean is not None else None
-    return _MaskedBatchNormFunction.apply(x, mask, bn.weight, bn.bias, bn.eps, world, tracking)
+    return _MaskedBatchNormFunction.apply(x, mask, count, bn.weight, bn.bias, bn.eps, world, tracking)
 
 
 def _update_running_stats(
@@ -232,21 +247,25 @@ class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
     """``nn.BatchNorm2d`` whose statistics cover visible sites only (dense when no mask is set)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return masked_batch_norm(self, x, _site_mask(self.sparsity, x), self.sparsity.sync_batchnorm)
+        mask, count = _site_mask(self.sparsity, x)
+        return masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, count)
 
 
 class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
     """timm ``BatchNormAct2d`` (norm, dropout, activation) with visible-site statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask = _site_mask(self.sparsity, x)
-        x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm)))
+        mask, count = _site_mask(self.sparsity, x)
+        x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, count)))
         return x if mask is None or isinstance(self.act, ZERO_PRESERVING) else x * mask
 
 
-def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor | None:
-    """The mask at ``x``'s resolution, or None for a dense pass."""
-    return sparsity.mask(x.shape[-2], x.shape[-1], x.dtype) if sparsity.enabled else None
+def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask at ``x``'s resolution and its number of visible sites, or (None, None) when dense."""
+    if not sparsity.enabled:
+        return None, None
+    height, width = x.shape[-2:]
+    return sparsity.mask(height, width, x.dtype), sparsity.visible_count(height, width)
 
 
 def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:

@@ -53,7 +53,7 @@ def test_gradcheck() -> None:
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
 
     def fn(x_: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _MaskedBatchNormFunction.apply(x_ * mask, mask, w, b, 1e-5, 1, None)
+        return _MaskedBatchNormFunction.apply(x_ * mask, mask, mask.sum(), w, b, 1e-5, 1, None)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
