@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType
 
 import torch
@@ -320,75 +320,74 @@ def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
     return rebuilt
 
 
-def _mask_output_hook(sparsity: SparsityContext, channels_last: bool) -> Callable:
-    """Forward hook zeroing the masked sites of a 4D output (NCHW, or NHWC if ``channels_last``)."""
-
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not sparsity.enabled or out.dim() != 4:
-            return None
-        h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[-2], out.shape[-1])
-        # in place: none of the hooked layers keeps its output for backward
-        return out.mul_(sparsity.mask(h, w, out.dtype, channels_last))
-
-    return hook
+# Forward hooks of the stateless layers. They find the mask through the layer's ``sparsity``
+# attribute (set by :func:`sparsify`), so a deep copy of an encoder masks with its own context.
 
 
-def _max_pool_pre_hook(sparsity: SparsityContext) -> Callable:
-    """Forward pre-hook making masked inputs of a max-pool -inf so they never win."""
-
-    def hook(module: nn.Module, args: tuple) -> tuple | None:
-        if not sparsity.enabled:
-            return None
-        (x,) = args
-        visible = sparsity.bool_mask(x.shape[-2], x.shape[-1])
-        return (x.masked_fill(~visible, float("-inf")),)
-
-    return hook
+def _mask_output(module: nn.Module, out: torch.Tensor, channels_last: bool) -> torch.Tensor | None:
+    """Zero the masked sites of a 4D output (NCHW, or NHWC if ``channels_last``) in place."""
+    sparsity: SparsityContext = module.sparsity
+    if not sparsity.enabled or out.dim() != 4:
+        return None
+    h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[-2], out.shape[-1])
+    # in place: none of the hooked layers keeps its output for backward
+    return out.mul_(sparsity.mask(h, w, out.dtype, channels_last))
 
 
-def _max_pool_hook(sparsity: SparsityContext) -> Callable:
-    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not sparsity.enabled:
-            return None
-        visible = sparsity.bool_mask(out.shape[-2], out.shape[-1])
-        return out.masked_fill_(~visible, 0.0)
-
-    return hook
+def _mask_nchw_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    return _mask_output(module, out, channels_last=False)
 
 
-def _avg_pool_hook(sparsity: SparsityContext) -> Callable:
-    """Forward hook turning an average pool into an average over visible inputs only."""
+def _mask_nhwc_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    return _mask_output(module, out, channels_last=True)
 
-    def hook(module: nn.AvgPool2d, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-        if not sparsity.enabled:
-            return None
-        (x,) = args
-        visible_in = sparsity.mask(x.shape[-2], x.shape[-1], out.dtype)
-        fraction = F.avg_pool2d(
-            visible_in, module.kernel_size, module.stride, module.padding,
-            module.ceil_mode, module.count_include_pad, module.divisor_override,
-        )
-        visible_out = sparsity.mask(out.shape[-2], out.shape[-1], out.dtype)
-        return out / fraction.clamp_min(1e-6) * visible_out
 
-    return hook
+def _max_pool_pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+    """Make masked inputs of a max-pool -inf so they never win."""
+    if not module.sparsity.enabled:
+        return None
+    (x,) = args
+    visible = module.sparsity.bool_mask(x.shape[-2], x.shape[-1])
+    return (x.masked_fill(~visible, float("-inf")),)
+
+
+def _max_pool_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    if not module.sparsity.enabled:
+        return None
+    visible = module.sparsity.bool_mask(out.shape[-2], out.shape[-1])
+    return out.masked_fill_(~visible, 0.0)
+
+
+def _avg_pool_hook(module: nn.AvgPool2d, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    """Turn an average pool into an average over visible inputs only."""
+    sparsity: SparsityContext = module.sparsity
+    if not sparsity.enabled:
+        return None
+    (x,) = args
+    visible_in = sparsity.mask(x.shape[-2], x.shape[-1], out.dtype)
+    fraction = F.avg_pool2d(
+        visible_in, module.kernel_size, module.stride, module.padding,
+        module.ceil_mode, module.count_include_pad, module.divisor_override,
+    )
+    visible_out = sparsity.mask(out.shape[-2], out.shape[-1], out.dtype)
+    return out / fraction.clamp_min(1e-6) * visible_out
 
 
 def _install_hooks(module: nn.Module, sparsity: SparsityContext) -> list:
     """Hook one stateless layer; returns the hook handles (empty if the layer needs none)."""
     if isinstance(module, nn.AvgPool2d):
-        return [module.register_forward_hook(_avg_pool_hook(sparsity))]
-    if isinstance(module, nn.MaxPool2d):
-        return [
-            module.register_forward_pre_hook(_max_pool_pre_hook(sparsity)),
-            module.register_forward_hook(_max_pool_hook(sparsity)),
-        ]
-    if isinstance(module, (nn.Conv2d, LayerNorm2d)):
-        return [module.register_forward_hook(_mask_output_hook(sparsity, channels_last=False))]
-    if isinstance(module, (nn.Linear, nn.LayerNorm)):
-        # Applied to feature maps only in channels-last blocks (ConvNeXt's linear MLP).
-        return [module.register_forward_hook(_mask_output_hook(sparsity, channels_last=True))]
-    return []
+        hooks = [module.register_forward_hook(_avg_pool_hook)]
+    elif isinstance(module, nn.MaxPool2d):
+        hooks = [module.register_forward_pre_hook(_max_pool_pre_hook), module.register_forward_hook(_max_pool_hook)]
+    elif isinstance(module, (nn.Conv2d, LayerNorm2d)):
+        hooks = [module.register_forward_hook(_mask_nchw_output_hook)]
+    elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+        # applied to feature maps only in channels-last blocks (ConvNeXt's linear MLP)
+        hooks = [module.register_forward_hook(_mask_nhwc_output_hook)]
+    else:
+        return []
+    module.sparsity = sparsity
+    return hooks
 
 
 def sparsify(model: nn.Module, sparsity: SparsityContext) -> list:

@@ -184,3 +184,18 @@ def test_float_mask_is_rejected() -> None:
 def test_model_without_stride_32_maps_is_rejected() -> None:
     with pytest.raises(ValueError):
         SparseEncoder(torch.nn.Conv2d(3, 8, 3))
+
+
+def test_deep_copy_masks_with_its_own_context() -> None:
+    _, encoder = _pair("seresnet50")
+    encoder.eval()
+    twin = copy.deepcopy(encoder)
+    x = torch.randn(2, 3, 64, 64)
+    active = torch.tensor([[[[True, False], [False, True]]], [[[False, True], [True, True]]]])
+    for a, b in zip(encoder(x, active), twin(x, active), strict=True):
+        assert torch.equal(a, b)
+    dense = twin(x, None)
+    with encoder.sparsity.use(active):  # the original's mask must not reach the copy
+        leaked = twin(x, None)
+    for a, b in zip(dense, leaked, strict=True):
+        assert torch.equal(a, b)
