@@ -309,7 +309,10 @@ _REBUILT: Mapping[type, type] = MappingProxyType({
 })
 
 # Layers that mix sites in ways this module does not make sparse.
-_UNSUPPORTED: tuple[type, ...] = (nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm)
+# (Any other BatchNorm class, e.g. SyncBatchNorm, lands here too: only the exact types above are rebuilt.)
+_UNSUPPORTED: tuple[type, ...] = (
+    nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
+)
 
 
 def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
