@@ -199,3 +199,9 @@ def test_deep_copy_masks_with_its_own_context() -> None:
         leaked = twin(x, None)
     for a, b in zip(dense, leaked, strict=True):
         assert torch.equal(a, b)
+
+
+def test_layers_without_a_sparse_version_are_refused() -> None:
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model("resnet18", num_classes=0))
+    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+        SparseEncoder(model)
