@@ -160,7 +160,8 @@ def _build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SparK, list[str]]:
     _seed_everything(cfg.seed)
     spark = build_spark(cfg.model, decoder_width=cfg.decoder_width, input_size=cfg.input_size,
                         drop_path_rate=cfg.drop_path_rate, mask_ratio=cfg.mask_ratio, densify_norm=cfg.densify_norm,
-                        masking=cfg.masking, hierarchy=cfg.hierarchy, ape=cfg.ape, loss_on=cfg.loss_on)
+                        masking=cfg.masking, sparse_backend=cfg.sparse_backend, hierarchy=cfg.hierarchy, ape=cfg.ape,
+                        loss_on=cfg.loss_on)
     spark.to(env.device).train()
     if cfg.channels_last:
         spark.to(memory_format=torch.channels_last)

@@ -5,7 +5,8 @@ and optimiser step of ``SparK(masking='sparse')`` and of the same model with ``m
 dense timm encoder on the zeroed image, same decoder) after warm-up, each in a fresh child process
 so that peak memory is measured per mode, alternating the modes ``--repeats`` times, and prints the
 best median seconds per step, images/s, peak memory (RSS on CPU, max allocated on CUDA) and the
-sparse/zero ratios.
+sparse/zero ratios. ``--modes sparse,gather,zero`` adds the ``gather`` backend (convolutions and
+linear layers computed at visible sites only) beside the default ``masked`` one.
 """
 
 from __future__ import annotations
@@ -25,14 +26,21 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from .cli import ArgumentParser
-from .spark import MASKINGS, build_spark
+from .spark import build_spark
+
+# Benchmark modes: the model each one builds (keyword arguments of build_spark).
+MODES: dict[str, dict[str, str]] = {
+    "sparse": {"masking": "sparse", "sparse_backend": "masked"},
+    "gather": {"masking": "sparse", "sparse_backend": "gather"},
+    "zero": {"masking": "zero"},
+}
 
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Timing and memory of one masking mode."""
+    """Timing and memory of one benchmark mode."""
 
-    masking: str
+    mode: str
     median_s: float
     images_per_s: float
     peak_mem_mb: float
@@ -50,17 +58,16 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_mode(args: argparse.Namespace, masking: str) -> BenchResult:
-    """Time ``args.steps`` training steps of one masking mode in this process."""
+def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
+    """Time ``args.steps`` training steps of one benchmark mode in this process."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_spark(args.model, decoder_width=args.decoder_width, input_size=args.input_size, masking=masking)
+    model = build_spark(args.model, decoder_width=args.decoder_width, input_size=args.input_size, **MODES[mode])
     model.to(device).train()
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = create_optimizer_v2(model, "lamb", lr=1e-4, weight_decay=0.04)
-    if args.compile:  # the dense decoder; the hooked sparse encoder stays eager (see results/perf.md)
-        model.decoder.compile()
+    forward = torch.compile(model) if args.compile else model
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -75,7 +82,7 @@ def run_mode(args: argparse.Namespace, masking: str) -> BenchResult:
         _sync(device)
         start = time.perf_counter()
         with autocast:
-            loss_t = model(images, active)
+            loss_t = forward(images, active)
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
         optimizer.step()
@@ -84,11 +91,11 @@ def run_mode(args: argparse.Namespace, masking: str) -> BenchResult:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return BenchResult(masking, median, args.batch_size / median, _peak_memory_mb(device), loss)
+    return BenchResult(mode, median, args.batch_size / median, _peak_memory_mb(device), loss)
 
 
-def _child_command(args: argparse.Namespace, masking: str) -> list[str]:
-    argv = [sys.executable, "-m", "pretrain.bench", "--child", masking, "--model", args.model,
+def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
+    argv = [sys.executable, "-m", "pretrain.bench", "--child", mode, "--model", args.model,
             "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--device", args.device,
             "--amp", args.amp, "--steps", str(args.steps), "--warmup", str(args.warmup),
             "--decoder-width", str(args.decoder_width)]
@@ -96,11 +103,11 @@ def _child_command(args: argparse.Namespace, masking: str) -> list[str]:
     return argv
 
 
-def run_in_child(args: argparse.Namespace, masking: str) -> BenchResult:
+def run_in_child(args: argparse.Namespace, mode: str) -> BenchResult:
     """Run one mode in a fresh interpreter (a clean peak-memory reading) and parse its JSON line."""
-    proc = subprocess.run(_child_command(args, masking), capture_output=True, text=True)
+    proc = subprocess.run(_child_command(args, mode), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of masking={masking} failed:\n{proc.stderr.strip()}")
+        raise RuntimeError(f"benchmark of mode {mode} failed:\n{proc.stderr.strip()}")
     return BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
@@ -125,14 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder (the encoder stays eager)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the whole model (compile time excluded)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per mode, best kept (default 2)")
-    parser.add_argument("--modes", default=",".join(MASKINGS), help="comma-separated masking modes to time")
+    parser.add_argument("--modes", default="sparse,zero",
+                        help=f"comma-separated modes to time, from {','.join(MODES)} (default sparse,zero)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON summary to FILE")
-    parser.add_argument("--child", choices=MASKINGS, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
     return parser
 
 
@@ -149,15 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(run_mode(args, args.child))))
         return 0
     modes = args.modes.split(",")
-    unknown = [m for m in modes if m not in MASKINGS]
+    unknown = [m for m in modes if m not in MODES]
     if unknown:
-        parser.error(f"unknown masking mode(s) {unknown}; choose from {list(MASKINGS)}")
+        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     results = best_of_repeats(args, modes)
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "save")},
                "device_name": _device_name(args.device), "results": {m: asdict(r) for m, r in results.items()}}
-    if {"sparse", "zero"} <= results.keys():
-        summary["sparse_over_zero_time"] = results["sparse"].median_s / results["zero"].median_s
-        summary["sparse_over_zero_memory"] = results["sparse"].peak_mem_mb / results["zero"].peak_mem_mb
+    summary.update(ratios(results))
     if args.save:
         Path(args.save).write_text(json.dumps(summary, indent=1) + "\n")
     if args.json:
@@ -165,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         _print_table(summary)
     return 0
+
+
+def ratios(results: dict[str, BenchResult]) -> dict[str, float]:
+    """Time and memory ratios ``<mode>_over_<baseline>_{time,memory}`` of every sparse mode against
+    zero-outing, and of the gather backend against the masked one."""
+    pairs = [(mode, "zero") for mode in ("sparse", "gather")] + [("gather", "sparse")]
+    out: dict[str, float] = {}
+    for mode, base in pairs:
+        if {mode, base} <= results.keys():
+            out[f"{mode}_over_{base}_time"] = results[mode].median_s / results[base].median_s
+            out[f"{mode}_over_{base}_memory"] = results[mode].peak_mem_mb / results[base].peak_mem_mb
+    return out
 
 
 def _device_name(device: str) -> str:
@@ -177,13 +195,14 @@ def _print_table(summary: dict) -> None:
     s = summary["settings"]
     print(f"{s['model']} {s['input_size']}px batch {s['batch_size']} on {summary['device_name']}, "
           f"amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']}")
-    print(f"{'masking':<8} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
+    print(f"{'mode':<8} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
     for r in summary["results"].values():
-        print(f"{r['masking']:<8} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
+        print(f"{r['mode']:<8} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
               f"{r['loss']:>8.4f}")
-    if "sparse_over_zero_time" in summary:
-        print(f"sparse/zero: time {summary['sparse_over_zero_time']:.3f}x, "
-              f"memory {summary['sparse_over_zero_memory']:.3f}x")
+    for key in summary:
+        if key.endswith("_time"):
+            pair = key.removesuffix("_time").replace("_over_", "/")
+            print(f"{pair}: time {summary[key]:.3f}x, memory {summary[key.removesuffix('_time') + '_memory']:.3f}x")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class PretrainConfig:
     densify_norm: str = _setting("norm of the densified maps (auto: bn for BN nets, ln otherwise)",
                                  choices=("auto", "bn", "ln", "none"))
     masking: str = _setting("sparse (SparK) or zero (zero-outing ablation, table 5)", choices=("sparse", "zero"))
+    sparse_backend: str = _setting("how sparse convolutions run: masked (dense then masked) or gather (visible "
+                                   "sites only; same values, slower on dense hardware)", choices=("masked", "gather"))
     hierarchy: bool = _setting("decode from all four scales (false: coarsest only, table 5)")
     ape: bool = _setting("add learnable absolute positional embeddings (table 5)")
     loss_on: str = _setting("patches the loss covers (table 5)", choices=("masked", "all"))
@@ -215,7 +217,7 @@ def _validate(cfg: PretrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    for name in ("opt", "amp", "device", "densify_norm", "masking", "loss_on"):
+    for name in ("opt", "amp", "device", "densify_norm", "masking", "sparse_backend", "loss_on"):
         choices = next(f for f in config_fields() if f.name == name).metadata["choices"]
         if getattr(cfg, name) not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(cfg, name)!r}")

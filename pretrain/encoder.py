@@ -23,11 +23,15 @@ class SparseEncoder(nn.Module):
 
     ``self.model`` is the timm model itself (classifier removed), so its ``state_dict()`` has
     exactly the keys of ``timm.create_model(name, num_classes=0)``.
+
+    ``backend`` chooses how convolutions and linear layers run on the visible part: ``'masked'``
+    (dense, then masked; the default and fastest on dense hardware) or ``'gather'`` (computed at
+    visible sites only, see :mod:`pretrain.gather`). Both give the same values.
     """
 
     downsample_ratio: int = FEATURE_STRIDES[-1]
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, backend: str = "masked") -> None:
         super().__init__()
         if not hasattr(model, "forward_intermediates") or not hasattr(model, "feature_info"):
             raise ValueError(
@@ -47,12 +51,13 @@ class SparseEncoder(nn.Module):
         self.model = model
         self.channels: list[int] = [by_stride[s] for s in FEATURE_STRIDES]
         self.sparsity = SparsityContext()
-        self._hooks = sparsify(model, self.sparsity)
+        self.backend = backend
+        self._hooks = sparsify(model, self.sparsity, backend)
 
     @classmethod
-    def from_name(cls, name: str, **timm_kwargs) -> SparseEncoder:
+    def from_name(cls, name: str, backend: str = "masked", **timm_kwargs) -> SparseEncoder:
         """Create ``timm.create_model(name, num_classes=0, **timm_kwargs)`` and wrap it."""
-        return cls(timm.create_model(name, num_classes=0, **timm_kwargs))
+        return cls(timm.create_model(name, num_classes=0, **timm_kwargs), backend=backend)
 
     @property
     def model_name(self) -> str:

@@ -237,9 +237,12 @@ def build_spark(
     decoder_width: int = 768,
     input_size: int = 224,
     drop_path_rate: float = 0.0,
+    sparse_backend: str = "masked",
     **spark_kwargs,
 ) -> SparK:
-    """A SparK model around ``timm.create_model(model_name, num_classes=0)`` with a LightDecoder."""
-    encoder = SparseEncoder.from_name(model_name, drop_path_rate=drop_path_rate)
+    """A SparK model around ``timm.create_model(model_name, num_classes=0)`` with a LightDecoder.
+
+    ``sparse_backend`` is the encoder's ``backend`` (``'masked'`` or ``'gather'``)."""
+    encoder = SparseEncoder.from_name(model_name, backend=sparse_backend, drop_path_rate=drop_path_rate)
     decoder = LightDecoder(decoder_width, encoder.downsample_ratio)
     return SparK(encoder, decoder, input_size=input_size, **spark_kwargs)

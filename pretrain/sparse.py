@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import MappingProxyType
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,10 @@ from timm.layers import activations as timm_act
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 
+from .gather import gatherable
+
 __all__ = [
+    "BACKENDS",
     "SparsityContext",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
@@ -98,6 +102,21 @@ class SparsityContext:
         key = ("total", height, width)
         if key not in self._views:
             self._views[key] = self._bool_mask(height, width).sum(dtype=torch.float32)
+        return self._views[key]
+
+    def visible_index(self, height: int, width: int) -> torch.Tensor:
+        """Flat indices ``b*H*W + i*W + j`` of the visible sites at ``(height, width)``, ascending."""
+        key = ("index", height, width)
+        if key not in self._views:
+            self._views[key] = self._bool_mask(height, width).flatten().nonzero().squeeze(1)
+        return self._views[key]
+
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, evaluated once per forward pass for each ``key`` (for layers that derive
+        their own index tensors from the mask, such as :mod:`pretrain.gather`)."""
+        key = ("layer", *key)
+        if key not in self._views:
+            self._views[key] = compute()
         return self._views[key]
 
     def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
@@ -177,9 +196,11 @@ class _MaskedBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, mask, mean, inv_std, scale, count = ctx.saved_tensors
         grad = grad_out * mask  # becomes grad_x in place below
+        # the reductions only: sum(g * x_hat) and sum(g), which do not depend on the weight's value; a
+        # weight must be passed all the same (without one, the CUDA kernel returns empty sums)
         _, sum_gx_hat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True]
-        )  # the reductions only: sum(g * x_hat) and sum(g)
+            grad, x, torch.ones_like(mean), None, None, mean, inv_std, True, 0.0, [False, True, True]
+        )
         sums = torch.stack([sum_g, sum_gx_hat]).to(mean.dtype)
         if ctx.world > 1:
             dist.all_reduce(sums)
@@ -310,6 +331,9 @@ _REBUILT: Mapping[type, type] = MappingProxyType({
 
 # Layers that mix sites in ways this module does not make sparse.
 # (Any other BatchNorm class, e.g. SyncBatchNorm, lands here too: only the exact types above are rebuilt.)
+# How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
+BACKENDS: tuple[str, ...] = ("masked", "gather")
+
 _UNSUPPORTED: tuple[type, ...] = (
     nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
 )
@@ -346,12 +370,18 @@ def _mask_nhwc_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) ->
 
 
 def _max_pool_pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-    """Make masked inputs of a max-pool -inf so they never win."""
+    """Give masked inputs of a max-pool the lowest finite value, so they never win over a visible one.
+
+    Not -inf: in a window of masked sites only, a finite value still wins over the implicit -inf
+    padding, so the recorded argmax is an in-bounds (masked) site and the backward pass never
+    indexes outside the input (whose output is zeroed anyway, so it gets no gradient).
+    """
     if not module.sparsity.enabled:
         return None
     (x,) = args
     visible = module.sparsity.bool_mask(x.shape[-2], x.shape[-1])
-    return (x.masked_fill(~visible, float("-inf")),)
+    # torch.where keeps a channels-last input channels-last (masked_fill with an NCHW mask does not)
+    return (torch.where(visible, x, torch.finfo(x.dtype).min),)
 
 
 def _max_pool_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -393,26 +423,30 @@ def _install_hooks(module: nn.Module, sparsity: SparsityContext) -> list:
     return hooks
 
 
-def sparsify(model: nn.Module, sparsity: SparsityContext) -> list:
+def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked") -> list:
     """Make ``model`` compute submanifold-sparsely whenever ``sparsity`` holds a mask.
 
     Rebuilds BatchNorm and squeeze-excitation layers in place as sparse subclasses and hooks
-    convolutions, linear layers, norms and max-pools. Returns the hook handles. Raises
-    ``NotImplementedError`` for layers that mix sites and have no sparse version.
+    convolutions, linear layers, norms and max-pools. With ``backend='gather'``, plain convolutions
+    and linear layers on feature maps are rebuilt to compute at visible sites only
+    (:mod:`pretrain.gather`). Returns the hook handles. Raises ``NotImplementedError`` for layers that
+    mix sites and have no sparse version, ``ValueError`` for an unknown backend.
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown sparse backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     handles: list = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             path = f"{prefix}{name}"
-            sparse_cls = _REBUILT.get(type(child))
+            sparse_cls = _REBUILT.get(type(child)) or (gatherable(child) if backend == "gather" else None)
             if sparse_cls is not None:
                 rebuilt = rebuild_as(child, sparse_cls)
                 rebuilt.sparsity = sparsity
                 setattr(parent, name, rebuilt)
                 if issubclass(sparse_cls, nn.modules.batchnorm._BatchNorm):
                     visit(getattr(parent, name), f"{path}.")  # e.g. BatchNormAct2d's act/drop
-                continue  # squeeze-excitation internals act on pooled vectors: left dense
+                continue  # squeeze-excitation internals act on pooled vectors: left dense; gather layers are leaves
             if isinstance(child, _UNSUPPORTED):
                 raise NotImplementedError(f"layer {path} ({type(child).__name__}) has no sparse version")
             handles.extend(_install_hooks(child, sparsity))

@@ -8,6 +8,7 @@ import torch
 
 from pretrain.encoder import SparseEncoder
 from pretrain.spark import build_spark
+from pretrain.sparse import masked_batch_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -57,3 +58,31 @@ def test_cuda_bf16_channels_last_loss_within_1e_2(name: str) -> None:
         bf16 = model(images.contiguous(memory_format=torch.channels_last), active)
     bf16.backward()
     assert abs(bf16.item() - fp32.item()) <= 1e-2 * fp32.item()
+
+
+@pytest.mark.parametrize("name", ["resnet50", "convnext_small", "efficientnet_b0"])
+def test_cuda_gather_backend_matches_masked(name: str) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0).cuda()
+    encoders = [SparseEncoder(copy.deepcopy(model), backend=b) for b in ("masked", "gather")]
+    x = torch.randn(8, 3, 128, 128, device="cuda")
+    active = build_spark(name, decoder_width=64, input_size=128).mask(8, "cuda")
+    masked, gather = (encoder(x, active) for encoder in encoders)
+    for g, m in zip(gather, masked, strict=True):
+        assert (g - m).abs().max() <= 1e-4 * m.abs().max()
+
+
+def test_cuda_sparse_batch_norm_gradients_equal_cpu() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 6, 6)
+    mask = (torch.rand(4, 1, 6, 6) > 0.5).float()
+    probe = torch.randn(4, 8, 6, 6)
+    grads = []
+    for device in ("cpu", "cuda"):
+        bn = torch.nn.BatchNorm2d(8).to(device)
+        inputs = (x * mask).to(device).requires_grad_(True)
+        out = masked_batch_norm(bn, inputs, mask.to(device))
+        wanted = [inputs, bn.weight, bn.bias]
+        grads.append([t.cpu() for t in torch.autograd.grad((out * probe.to(device)).sum(), wanted)])
+    for on_cuda, on_cpu in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-5, atol=1e-5)

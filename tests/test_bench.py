@@ -1,0 +1,32 @@
+"""The benchmark runs end to end (a smoke run: timings are the benchmark's business, not the tests')."""
+
+import json
+
+import pytest
+
+from pretrain import bench
+
+
+def test_bench_times_every_mode_side_by_side(tmp_path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--model", "resnet18", "--input-size", "64", "--batch-size", "2", "--decoder-width", "32",
+            "--steps", "1", "--warmup", "0", "--repeats", "1", "--modes", "sparse,gather,zero",
+            "--device", "cpu", "--json", "--save", str(out)]
+    assert bench.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    results = printed["results"]
+    assert set(results) == {"sparse", "gather", "zero"}
+    for mode, result in results.items():
+        assert result["mode"] == mode and result["median_s"] > 0 and result["peak_mem_mb"] > 0
+    # same initial weights, mask and images: the two sparse backends compute the same loss
+    assert results["gather"]["loss"] == pytest.approx(results["sparse"]["loss"], rel=1e-5)
+    sparse, zero = results["sparse"]["median_s"], results["zero"]["median_s"]
+    assert printed["sparse_over_zero_time"] == pytest.approx(sparse / zero)
+    assert "gather_over_sparse_time" in printed
+
+
+def test_bench_rejects_unknown_mode() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--modes", "sparse,dense", "--device", "cpu"])
+    assert exit_info.value.code == 2
