@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,23 +103,30 @@ def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     return argv
 
 
-def run_in_child(args: argparse.Namespace, mode: str) -> BenchResult:
-    """Run one mode in a fresh interpreter (a clean peak-memory reading) and parse its JSON line."""
+FP32_SUFFIX = "@fp32"  # a run of a mode in plain fp32 (no autocast, contiguous, eager): the precision baseline
+
+
+def run_in_child(args: argparse.Namespace, run: str) -> BenchResult:
+    """Run one mode (``run`` is a mode name, or ``<mode>@fp32`` for its plain fp32 baseline) in a fresh
+    interpreter (a clean peak-memory reading) and parse its JSON line."""
+    mode = run.removesuffix(FP32_SUFFIX)
+    if run.endswith(FP32_SUFFIX):
+        args = argparse.Namespace(**{**vars(args), "amp": "none", "channels_last": False, "compile": False})
     proc = subprocess.run(_child_command(args, mode), capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"benchmark of mode {mode} failed:\n{proc.stderr.strip()}")
-    return BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"benchmark of {run} failed:\n{proc.stderr.strip()}")
+    return replace(BenchResult(**json.loads(proc.stdout.strip().splitlines()[-1])), mode=run)
 
 
-def best_of_repeats(args: argparse.Namespace, modes: list[str]) -> dict[str, BenchResult]:
-    """Run the modes alternately ``args.repeats`` times (ABAB, so slow drifts of a shared machine hit
-    both) and keep, per mode, the run with the lowest median step time."""
+def best_of_repeats(args: argparse.Namespace, runs: list[str]) -> dict[str, BenchResult]:
+    """Run the runs alternately ``args.repeats`` times (ABAB, so slow drifts of a shared machine hit
+    all of them) and keep, per run, the one with the lowest median step time."""
     best: dict[str, BenchResult] = {}
     for _ in range(args.repeats):
-        for mode in modes:
-            result = run_in_child(args, mode)
-            if mode not in best or result.median_s < best[mode].median_s:
-                best[mode] = result
+        for run in runs:
+            result = run_in_child(args, run)
+            if run not in best or result.median_s < best[run].median_s:
+                best[run] = result
     return best
 
 
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per mode, best kept (default 2)")
     parser.add_argument("--modes", default="sparse,zero",
                         help=f"comma-separated modes to time, from {','.join(MODES)} (default sparse,zero)")
+    parser.add_argument("--against-fp32", action="store_true",
+                        help="also time every mode in plain fp32 in the same alternation and report the ratio "
+                             "(for --amp bf16 / --channels-last / --compile against the fp32 step)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--save", metavar="FILE", help="also write the JSON summary to FILE")
     parser.add_argument("--child", choices=list(MODES), help=argparse.SUPPRESS)
@@ -160,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    results = best_of_repeats(args, modes)
+    runs = modes + [m + FP32_SUFFIX for m in modes] * args.against_fp32
+    results = best_of_repeats(args, runs)
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "save")},
                "device_name": _device_name(args.device), "results": {m: asdict(r) for m, r in results.items()}}
     summary.update(ratios(results))
@@ -175,13 +186,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def ratios(results: dict[str, BenchResult]) -> dict[str, float]:
     """Time and memory ratios ``<mode>_over_<baseline>_{time,memory}`` of every sparse mode against
-    zero-outing, and of the gather backend against the masked one."""
+    zero-outing, of the gather backend against the masked one, and of every mode against its plain
+    fp32 run (``--against-fp32``)."""
     pairs = [(mode, "zero") for mode in ("sparse", "gather")] + [("gather", "sparse")]
+    pairs += [(mode, mode + FP32_SUFFIX) for mode in MODES]
     out: dict[str, float] = {}
     for mode, base in pairs:
         if {mode, base} <= results.keys():
-            out[f"{mode}_over_{base}_time"] = results[mode].median_s / results[base].median_s
-            out[f"{mode}_over_{base}_memory"] = results[mode].peak_mem_mb / results[base].peak_mem_mb
+            name = f"{mode}_over_{'fp32' if base.endswith(FP32_SUFFIX) else base}"
+            out[f"{name}_time"] = results[mode].median_s / results[base].median_s
+            out[f"{name}_memory"] = results[mode].peak_mem_mb / results[base].peak_mem_mb
     return out
 
 
@@ -195,9 +209,9 @@ def _print_table(summary: dict) -> None:
     s = summary["settings"]
     print(f"{s['model']} {s['input_size']}px batch {s['batch_size']} on {summary['device_name']}, "
           f"amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']}")
-    print(f"{'mode':<8} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
+    print(f"{'mode':<12} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
     for r in summary["results"].values():
-        print(f"{r['mode']:<8} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
+        print(f"{r['mode']:<12} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
               f"{r['loss']:>8.4f}")
     for key in summary:
         if key.endswith("_time"):

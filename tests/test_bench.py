@@ -26,6 +26,19 @@ def test_bench_times_every_mode_side_by_side(tmp_path, capsys) -> None:
     assert "gather_over_sparse_time" in printed
 
 
+def test_bench_times_the_fp32_baseline_in_the_same_run(capsys) -> None:
+    argv = ["--model", "resnet18", "--input-size", "64", "--batch-size", "2", "--decoder-width", "32",
+            "--steps", "1", "--warmup", "0", "--repeats", "1", "--modes", "sparse", "--amp", "bf16",
+            "--channels-last", "--against-fp32", "--device", "cpu", "--json"]
+    assert bench.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["results"]) == {"sparse", "sparse@fp32"}
+    bf16, fp32 = printed["results"]["sparse"], printed["results"]["sparse@fp32"]
+    assert printed["sparse_over_fp32_time"] == pytest.approx(bf16["median_s"] / fp32["median_s"])
+    # the baseline really ran in fp32: its loss differs from the bf16 loss, but only slightly
+    assert fp32["loss"] != bf16["loss"] and fp32["loss"] == pytest.approx(bf16["loss"], rel=1e-2)
+
+
 def test_bench_rejects_unknown_mode() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--modes", "sparse,dense", "--device", "cpu"])
