@@ -12,7 +12,6 @@ linear layers computed at visible sites only) beside the default ``masked`` one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import statistics
@@ -26,6 +25,8 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from .cli import ArgumentParser
+from .config import AMP_MODES
+from .engine import autocast_for
 from .spark import build_spark
 
 # Benchmark modes: the model each one builds (keyword arguments of build_spark).
@@ -71,9 +72,7 @@ def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     generator = torch.Generator(device=device).manual_seed(0)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if args.amp == "bf16" else contextlib.nullcontext()
-    )
+    autocast = autocast_for(device, args.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss = [], float("nan")
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--decoder-width", type=int, default=768)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--amp", choices=["none", "bf16"], default="none", help="autocast dtype")
+    parser.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast dtype")
     parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the whole model (compile time excluded)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")

@@ -24,6 +24,7 @@ from .preemption import StopRequest
 
 __all__ = [
     "Engine",
+    "autocast_for",
     "NonFiniteError",
     "StepResult",
     "TrainState",
@@ -109,7 +110,8 @@ def epoch_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv, epoch: int
     )
 
 
-def _autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` when ``amp`` is ``'bf16'``, else a disabled one (config's ``amp``)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
@@ -137,7 +139,7 @@ def train_step(
         last = index == len(batches) - 1
         sync = contextlib.nullcontext() if last or not isinstance(model, DistributedDataParallel) else model.no_sync()
         with sync:
-            with _autocast(device, cfg.amp):
+            with autocast_for(device, cfg.amp):
                 loss = model(x, active)
             (loss / len(batches)).backward()
         loss_sum += loss.detach().double()

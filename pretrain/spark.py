@@ -11,7 +11,7 @@ from torch import nn
 
 from .decoder import LightDecoder
 from .encoder import SparseEncoder
-from .sparse import masked_batch_norm
+from .sparse import masked_batch_norm, upsample_mask
 
 __all__ = ["SparK", "Densify", "Reconstruction", "patchify", "unpatchify", "build_spark"]
 
@@ -168,7 +168,7 @@ class SparK(nn.Module):
         if self.masking == "sparse":
             feats = self.encoder(images, active)
         else:  # zero-outing: the dense encoder sees the image with masked patches set to zero
-            pixel_mask = _upsample_mask(active, images.shape[-2:]).to(images.dtype)
+            pixel_mask = upsample_mask(active, images.shape[-2:]).to(images.dtype)
             feats = self.encoder(images * pixel_mask, None)
         feats = feats[::-1][: len(self.densify)]  # coarsest first
         sync = self.encoder.sparsity.sync_batchnorm
@@ -176,7 +176,7 @@ class SparK(nn.Module):
         for densify, feat in zip(self.densify, feats):
             visible = None
             if self.masking == "sparse":
-                visible = _upsample_mask(active, feat.shape[-2:]).to(feat.dtype)
+                visible = upsample_mask(active, feat.shape[-2:]).to(feat.dtype)
             to_dec.append(densify(feat, visible, sync))
         return self.decoder(to_dec)
 
@@ -205,7 +205,7 @@ class SparK(nn.Module):
         _, mean, std = self.normalised_target(images)
         pred = patchify(self.predict(images, active), self.patch_size).float()
         prediction = unpatchify(pred * std + mean, self.patch_size, h, w).to(images.dtype)
-        pixel_mask = _upsample_mask(active, (h, w))
+        pixel_mask = upsample_mask(active, (h, w))
         masked = images * pixel_mask.to(images.dtype)
         pasted = torch.where(pixel_mask, images, prediction)
         return Reconstruction(masked, pasted, prediction)
@@ -213,12 +213,6 @@ class SparK(nn.Module):
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
         """The encoder's weights with timm's keys (load into ``timm.create_model(name, num_classes=0)``)."""
         return self.encoder.model.state_dict()
-
-
-def _upsample_mask(active: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Nearest upsampling of the bool patch mask to ``size``."""
-    scale_h, scale_w = size[0] // active.shape[-2], size[1] // active.shape[-1]
-    return active.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
 
 
 def _auto_norm(encoder: SparseEncoder) -> str:

@@ -38,6 +38,7 @@ __all__ = [
     "masked_batch_norm",
     "rebuild_as",
     "sparsify",
+    "upsample_mask",
 ]
 
 
@@ -52,7 +53,7 @@ class SparsityContext:
     def __init__(self) -> None:
         self.active: torch.Tensor | None = None
         self.sync_batchnorm: bool = True
-        self._views: dict[tuple, torch.Tensor] = {}
+        self._views: dict[tuple, Any] = {}
 
     @contextlib.contextmanager
     def use(self, active: torch.Tensor | None) -> Iterator[None]:
@@ -67,64 +68,57 @@ class SparsityContext:
     def enabled(self) -> bool:
         return self.active is not None
 
-    def _bool_mask(self, height: int, width: int) -> torch.Tensor:
-        key = ("bool", height, width)
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        """``compute()``, evaluated once per forward pass for each ``key`` (the mask views below, and
+        index tensors that layers such as :mod:`pretrain.gather` derive from the mask)."""
         if key not in self._views:
-            active = self.active
-            grid_h, grid_w = active.shape[-2:]
-            if height % grid_h or width % grid_w or height // grid_h != width // grid_w:
-                raise ValueError(
-                    f"feature map of size {height}x{width} is not an integer upsampling of the "
-                    f"{grid_h}x{grid_w} patch grid; the encoder must not downsample beyond its "
-                    "patch size"
-                )
-            scale = height // grid_h
-            mask = active.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-            self._views[key] = mask
+            self._views[key] = compute()
         return self._views[key]
+
+    def bool_mask(self, height: int, width: int) -> torch.Tensor:
+        """The bool mask ``(B, 1, H, W)`` at ``(height, width)``."""
+        return self.cached(("bool", height, width), lambda: self._upsample(height, width))
+
+    def _upsample(self, height: int, width: int) -> torch.Tensor:
+        grid_h, grid_w = self.active.shape[-2:]
+        if height % grid_h or width % grid_w or height // grid_h != width // grid_w:
+            raise ValueError(
+                f"feature map of size {height}x{width} is not an integer upsampling of the "
+                f"{grid_h}x{grid_w} patch grid; the encoder must not downsample beyond its "
+                "patch size"
+            )
+        return upsample_mask(self.active, (height, width))
 
     def mask(
         self, height: int, width: int, dtype: torch.dtype, channels_last: bool = False
     ) -> torch.Tensor:
         """The mask at ``(height, width)`` as ``(B, 1, H, W)`` or, channels-last, ``(B, H, W, 1)``."""
-        key = ("float", height, width, dtype, channels_last)
-        if key not in self._views:
-            mask = self._bool_mask(height, width).to(dtype)
-            self._views[key] = mask.permute(0, 2, 3, 1) if channels_last else mask
-        return self._views[key]
 
-    def bool_mask(self, height: int, width: int) -> torch.Tensor:
-        """The bool mask ``(B, 1, H, W)`` at ``(height, width)``."""
-        return self._bool_mask(height, width)
+        def compute() -> torch.Tensor:
+            mask = self.bool_mask(height, width).to(dtype)
+            return mask.permute(0, 2, 3, 1) if channels_last else mask
+
+        return self.cached(("float", height, width, dtype, channels_last), compute)
 
     def visible_count(self, height: int, width: int) -> torch.Tensor:
         """Number of visible sites in the whole batch at ``(height, width)``, a float32 scalar tensor."""
-        key = ("total", height, width)
-        if key not in self._views:
-            self._views[key] = self._bool_mask(height, width).sum(dtype=torch.float32)
-        return self._views[key]
+        return self.cached(("total", height, width), lambda: self.bool_mask(height, width).sum(dtype=torch.float32))
 
     def visible_index(self, height: int, width: int) -> torch.Tensor:
         """Flat indices ``b*H*W + i*W + j`` of the visible sites at ``(height, width)``, ascending."""
-        key = ("index", height, width)
-        if key not in self._views:
-            self._views[key] = self._bool_mask(height, width).flatten().nonzero().squeeze(1)
-        return self._views[key]
-
-    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()``, evaluated once per forward pass for each ``key`` (for layers that derive
-        their own index tensors from the mask, such as :mod:`pretrain.gather`)."""
-        key = ("layer", *key)
-        if key not in self._views:
-            self._views[key] = compute()
-        return self._views[key]
+        return self.cached(
+            ("index", height, width), lambda: self.bool_mask(height, width).flatten().nonzero().squeeze(1)
+        )
 
     def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
         """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
-        key = ("count", height, width)
-        if key not in self._views:
-            self._views[key] = self._bool_mask(height, width).flatten(1).sum(1).float()
-        return self._views[key]
+        return self.cached(("count", height, width), lambda: self.bool_mask(height, width).flatten(1).sum(1).float())
+
+
+def upsample_mask(active: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Nearest upsampling of a patch mask ``(B, 1, h, w)`` to ``size`` (integer multiples of h and w)."""
+    scale_h, scale_w = size[0] // active.shape[-2], size[1] // active.shape[-1]
+    return active.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
 
 
 def _process_group_size(sync: bool) -> int:
@@ -132,11 +126,6 @@ def _process_group_size(sync: bool) -> int:
     if sync and dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
-
-
-def _view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A per-channel vector as ``(1, C, 1, 1)`` in ``like``'s dtype."""
-    return v.view(1, -1, 1, 1).to(like.dtype)
 
 
 def _visible_mean_var(
@@ -329,11 +318,11 @@ _REBUILT: Mapping[type, type] = MappingProxyType({
     SqueezeExcite: SparseSqueezeExcite,
 })
 
-# Layers that mix sites in ways this module does not make sparse.
-# (Any other BatchNorm class, e.g. SyncBatchNorm, lands here too: only the exact types above are rebuilt.)
 # How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
 BACKENDS: tuple[str, ...] = ("masked", "gather")
 
+# Layers that mix sites in ways this module does not make sparse.
+# (Any other BatchNorm class, e.g. SyncBatchNorm, lands here too: only the exact types above are rebuilt.)
 _UNSUPPORTED: tuple[type, ...] = (
     nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
 )

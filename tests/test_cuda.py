@@ -5,6 +5,7 @@ import copy
 import pytest
 import timm
 import torch
+from test_amp import fp32_and_bf16_channels_last_losses
 
 from pretrain.encoder import SparseEncoder
 from pretrain.spark import build_spark
@@ -52,11 +53,7 @@ def test_cuda_bf16_channels_last_loss_within_1e_2(name: str) -> None:
     model = build_spark(name, input_size=224).cuda()
     images = torch.randn(16, 3, 224, 224, device="cuda")
     active = model.mask(16, "cuda", generator=torch.Generator("cuda").manual_seed(0))
-    fp32 = model(images, active)
-    model.to(memory_format=torch.channels_last)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        bf16 = model(images.contiguous(memory_format=torch.channels_last), active)
-    bf16.backward()
+    fp32, bf16 = fp32_and_bf16_channels_last_losses(model, images, active)
     assert abs(bf16.item() - fp32.item()) <= 1e-2 * fp32.item()
 
 
