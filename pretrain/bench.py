@@ -6,7 +6,9 @@ dense timm encoder on the zeroed image, same decoder) after warm-up, each in a f
 so that peak memory is measured per mode, alternating the modes ``--repeats`` times, and prints the
 best median seconds per step, images/s, peak memory (RSS on CPU, max allocated on CUDA) and the
 sparse/zero ratios. ``--modes sparse,gather,zero`` adds the ``gather`` backend (convolutions and
-linear layers computed at visible sites only) beside the default ``masked`` one.
+linear layers computed at visible sites only) beside the default ``masked`` one. On CUDA it also
+reports the device-busy time of one step (the sum of its kernel times, from the profiler) and its
+number of kernels: a step much longer than its busy time is bound by the host launching kernels.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from timm.optim import create_optimizer_v2
 
+from .amp import autocast_for
 from .cli import ArgumentParser
 from .config import AMP_MODES
-from .engine import autocast_for
 from .spark import build_spark
 
 # Benchmark modes: the model each one builds (keyword arguments of build_spark).
@@ -46,6 +49,8 @@ class BenchResult:
     images_per_s: float
     peak_mem_mb: float
     loss: float
+    device_busy_s: float | None = None  # CUDA: summed kernel time of one step
+    kernels: int | None = None  # CUDA: kernels launched by one step
 
 
 def _sync(device: torch.device) -> None:
@@ -57,6 +62,15 @@ def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _device_busy(step: Callable[[], object]) -> tuple[float, int]:
+    """Summed CUDA kernel time (s) and kernel count of one call of ``step``, from the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time_total for e in kernels) / 1e6, len(kernels)
 
 
 def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
@@ -75,22 +89,31 @@ def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
     autocast = autocast_for(device, args.amp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, loss = [], float("nan")
-    for step in range(args.warmup + args.steps):
-        active = model.mask(args.batch_size, device, generator=generator)
-        _sync(device)
-        start = time.perf_counter()
+
+    def step(active: torch.Tensor) -> float:
         with autocast:
             loss_t = forward(images, active)
         optimizer.zero_grad(set_to_none=True)
         loss_t.backward()
         optimizer.step()
-        loss = loss_t.item()
+        return loss_t.item()
+
+    times, loss = [], float("nan")
+    for index in range(args.warmup + args.steps):
+        active = model.mask(args.batch_size, device, generator=generator)
         _sync(device)
-        if step >= args.warmup:
+        start = time.perf_counter()
+        loss = step(active)
+        _sync(device)
+        if index >= args.warmup:
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return BenchResult(mode, median, args.batch_size / median, _peak_memory_mb(device), loss)
+    peak = _peak_memory_mb(device)
+    busy, kernels = None, None
+    if device.type == "cuda":
+        active = model.mask(args.batch_size, device, generator=generator)
+        busy, kernels = _device_busy(lambda: step(active))
+    return BenchResult(mode, median, args.batch_size / median, peak, loss, busy, kernels)
 
 
 def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
@@ -208,10 +231,13 @@ def _print_table(summary: dict) -> None:
     s = summary["settings"]
     print(f"{s['model']} {s['input_size']}px batch {s['batch_size']} on {summary['device_name']}, "
           f"amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']}")
-    print(f"{'mode':<12} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}")
+    on_cuda = any(r["device_busy_s"] is not None for r in summary["results"].values())
+    busy_header = f" {'busy s':>8} {'kernels':>8}" if on_cuda else ""
+    print(f"{'mode':<12} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}{busy_header}")
     for r in summary["results"].values():
+        busy = f" {r['device_busy_s']:>8.3f} {r['kernels']:>8d}" if r["device_busy_s"] is not None else ""
         print(f"{r['mode']:<12} {r['median_s']:>8.3f} {r['images_per_s']:>8.2f} {r['peak_mem_mb']:>9.0f} "
-              f"{r['loss']:>8.4f}")
+              f"{r['loss']:>8.4f}{busy}")
     for key in summary:
         if key.endswith("_time"):
             pair = key.removesuffix("_time").replace("_over_", "/")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .amp import autocast_for
 from .config import PretrainConfig
 from .data import collate_skip_corrupt
 from .distributed import DistEnv, all_reduce_sum
@@ -108,11 +109,6 @@ def epoch_loader(dataset: Dataset, cfg: PretrainConfig, env: DistEnv, epoch: int
         collate_fn=collate_skip_corrupt, pin_memory=env.device.type == "cuda",
         generator=torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, env.rank)),
     )
-
-
-def autocast_for(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` when ``amp`` is ``'bf16'``, else a disabled one (config's ``amp``)."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
 
 
 def train_step(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -35,6 +36,8 @@ __all__ = [
     "SparsityContext",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
+    "SparseMaxPool2d",
+    "VisibleSites",
     "masked_batch_norm",
     "rebuild_as",
     "sparsify",
@@ -100,9 +103,14 @@ class SparsityContext:
 
         return self.cached(("float", height, width, dtype, channels_last), compute)
 
-    def visible_count(self, height: int, width: int) -> torch.Tensor:
-        """Number of visible sites in the whole batch at ``(height, width)``, a float32 scalar tensor."""
-        return self.cached(("total", height, width), lambda: self.bool_mask(height, width).sum(dtype=torch.float32))
+    def visible_sites(self, height: int, width: int) -> VisibleSites:
+        """The number of visible sites in the whole batch at ``(height, width)`` and its factors."""
+
+        def compute() -> VisibleSites:
+            visible = self.bool_mask(height, width)
+            return VisibleSites.of(visible.sum(dtype=torch.float64), visible.numel())
+
+        return self.cached(("sites", height, width), compute)
 
     def visible_index(self, height: int, width: int) -> torch.Tensor:
         """Flat indices ``b*H*W + i*W + j`` of the visible sites at ``(height, width)``, ascending."""
@@ -113,6 +121,28 @@ class SparsityContext:
     def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
         """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
         return self.cached(("count", height, width), lambda: self.bool_mask(height, width).flatten(1).sum(1).float())
+
+
+@dataclass(frozen=True)
+class VisibleSites:
+    """A count ``n`` of visible sites and the factors sparse BatchNorm derives from it, 0-dim float64
+    tensors (exact factors for float64 models; a 0-dim tensor does not change the dtype of the
+    statistics it multiplies), computed once per resolution and forward pass rather than per layer."""
+
+    count: torch.Tensor
+    inv_count: torch.Tensor  # 1 / n
+    unbiased: torch.Tensor  # n / (n - 1): Bessel's correction of the running variance
+    ratio: torch.Tensor | None = None  # N / n, N the number of all sites (for statistics of one rank)
+    excess: torch.Tensor | None = None  # N / n - 1
+
+    @classmethod
+    def of(cls, count: torch.Tensor, total: int | None = None) -> VisibleSites:
+        """Factors of ``count`` visible sites out of ``total`` (ratio and excess only when given)."""
+        count = count.to(torch.float64)
+        n = count.clamp_min(1.0)
+        inv_count = n.reciprocal()
+        ratio = None if total is None else inv_count * total
+        return cls(count, inv_count, n / (n - 1).clamp_min(1.0), ratio, None if ratio is None else ratio - 1)
 
 
 def upsample_mask(active: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -128,25 +158,34 @@ def _process_group_size(sync: bool) -> int:
     return 1
 
 
-def _visible_mean_var(
-    x: torch.Tensor, count: torch.Tensor, world: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean and biased variance of ``x`` over its ``count`` visible sites, and the count
-    over all ranks.
+def _all_site_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` over all its sites, in float32 (float64 for
+    float64 input), from ATen's fused statistics pass."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        # the CPU kernel returns reduced-precision statistics unless given float32 running buffers
+        # (which momentum 0 leaves unchanged); the CUDA kernel always returns float32
+        channels = x.shape[1]
+        buffers = (x.new_zeros(channels, dtype=torch.float32), x.new_ones(channels, dtype=torch.float32))
+        return torch.batch_norm_update_stats(x, *buffers, 0.0)
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
-    ``x`` is zero at masked sites, so ATen's fused BatchNorm statistics pass over all N sites gives them:
-    with r = N / n, mean = r * mean_all and var = r * (var_all - (r - 1) * mean_all^2) (exact at r = 1).
-    Across ranks the per-rank (count, mean, var) are combined with Chan's parallel formula.
+
+def _visible_mean_var(
+    x: torch.Tensor, sites: VisibleSites, world: int
+) -> tuple[torch.Tensor, torch.Tensor, VisibleSites]:
+    """Per-channel mean and biased variance of ``x`` over its visible sites, and the visible sites of
+    all ranks.
+
+    ``x`` is zero at masked sites, so the statistics over all N sites give them: with r = N / n,
+    mean = r * mean_all and var = r * var_all - r * (r - 1) * mean_all^2 (exact at r = 1). Across
+    ranks the per-rank (count, mean, var) are combined with Chan's parallel formula.
     """
-    mean_all, var_all = torch.batch_norm_update_stats(x, None, None, 0.0)  # biased variance
-    stat_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # fp32 stats under autocast
-    var_all, mean_all, count = var_all.to(stat_dtype), mean_all.to(stat_dtype), count.to(stat_dtype)
-    ratio = (x.numel() // x.shape[1]) / count.clamp_min(1.0)
-    mean = mean_all * ratio
-    var = torch.addcmul(var_all, mean_all.square(), ratio - 1, value=-1).mul_(ratio).clamp_min_(0.0)
+    mean_all, var_all = _all_site_stats(x)
+    mean = mean_all * sites.ratio
+    var = torch.addcmul(var_all * sites.ratio, mean, mean_all * sites.excess, value=-1).clamp_min_(0.0)
     if world == 1:
-        return mean, var, count
-    local = torch.cat([count.reshape(1), mean, var])
+        return mean, var, sites
+    local = torch.cat([sites.count.reshape(1).to(mean.dtype), mean, var])
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     stats = torch.stack(gathered)  # (world, 1 + 2C)
@@ -154,55 +193,59 @@ def _visible_mean_var(
     total = counts.sum()
     mean = (counts * means).sum(0) / total
     var = (counts * (variances + (means - mean).square())).sum(0) / total
-    return mean, var, total
+    return mean, var, VisibleSites.of(total)
 
 
 class _MaskedBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over visible sites, built on ATen's fused BatchNorm kernels.
 
-    Forward: visible-site statistics in one pass, then the eval-mode BatchNorm kernel with them and
-    a mask multiply. Backward: ATen's BatchNorm backward reductions on the masked gradient give the
-    weight and bias gradients; the input gradient (training-mode BatchNorm over the n visible sites)
-    is then formed in place in the masked-gradient buffer. Saves only the input, like
-    ``nn.BatchNorm2d``. With ``world > 1`` the statistics and the sums of the gradient are reduced
-    over ranks (as SyncBatchNorm does).
+    Forward: visible-site statistics from one statistics pass, then the eval-mode BatchNorm kernel
+    with them and a mask multiply. Backward: ATen's BatchNorm backward reductions on the masked
+    gradient give the weight and bias gradients; the input gradient (training-mode BatchNorm over the
+    n visible sites) is then formed in place in the masked-gradient buffer. Saves only the input and
+    per-channel vectors, like ``nn.BatchNorm2d``. With ``world > 1`` the statistics and the sums of
+    the gradient are reduced over ranks (as SyncBatchNorm does). The per-channel arithmetic is kept
+    to few operations: on a GPU each one is a kernel launch.
     """
 
     @staticmethod
-    def forward(ctx, x, mask, count, weight, bias, eps: float, world: int, bn: nn.modules.batchnorm._BatchNorm | None):
-        mean, var, count = _visible_mean_var(x, count, world)
+    def forward(ctx, x, mask, sites: VisibleSites, weight, bias, eps: float, world: int, bn):
+        mean, var, sites = _visible_mean_var(x, sites, world)
         if bn is not None:
-            _update_running_stats(bn, mean, var, count)
+            _update_running_stats(bn, mean, var, sites)
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(mask)
-        inv_std = torch.rsqrt(var + eps)
-        scale = inv_std if weight is None else inv_std * weight.to(inv_std.dtype)
-        ctx.save_for_backward(x, mask, mean, inv_std, scale, count)
-        ctx.world = world
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x, mask, mean, var, weight, sites.inv_count)
+        ctx.eps, ctx.world = eps, world
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mask, mean, inv_std, scale, count = ctx.saved_tensors
+        x, mask, mean, var, weight, inv_count = ctx.saved_tensors
+        inv_std = torch.rsqrt(var + ctx.eps)
+        scale = inv_std if weight is None else inv_std * weight
         grad = grad_out * mask  # becomes grad_x in place below
-        # the reductions only: sum(g * x_hat) and sum(g), which do not depend on the weight's value; a
-        # weight must be passed all the same (without one, the CUDA kernel returns empty sums)
+        # the reductions only: sum(g * x_hat) and sum(g) with x_hat = (x - mean) * inv_std, which do not
+        # depend on the weight's value; a weight must be passed all the same (without one, the CUDA
+        # kernel returns empty sums)
         _, sum_gx_hat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad, x, torch.ones_like(mean), None, None, mean, inv_std, True, 0.0, [False, True, True]
+            grad, x, scale, None, None, mean, inv_std, True, ctx.eps, [False, True, True]
         )
-        sums = torch.stack([sum_g, sum_gx_hat]).to(mean.dtype)
+        grad_weight = sum_gx_hat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[4] else None
         if ctx.world > 1:
+            sums = torch.stack([sum_g, sum_gx_hat]).to(mean.dtype)
             dist.all_reduce(sums)
-        g_mean, gx_mean = sums / count
-        # grad_x = scale * (g - mean(g) - x_hat * mean(g * x_hat)) at visible sites, 0 elsewhere, with
-        # x_hat = (x - mean) * inv_std and x = 0 at masked sites: scale * g + a * x + b * mask
-        t = inv_std * gx_mean
-        coefs = torch.stack([scale, -scale * t, scale * (mean * t - g_mean)]).to(x.dtype).view(3, 1, -1, 1, 1)
-        grad_x = grad.mul_(coefs[0]).addcmul_(x, coefs[1]).addcmul_(mask, coefs[2])
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = sum_gx_hat.to(weight_dtype) if weight_dtype is not None and ctx.needs_input_grad[3] else None
-        grad_bias = sum_g.to(bias_dtype) if bias_dtype is not None and ctx.needs_input_grad[4] else None
-        return grad_x, None, None, grad_weight, grad_bias, None, None, None
+            sum_g, sum_gx_hat = sums
+        # grad_x = scale * (g - mean(g) - x_hat * mean(g * x_hat)) over the n visible sites, 0 elsewhere;
+        # with x = 0 at masked sites that is scale * g - a * x - b * mask
+        scale_over_n = scale * inv_count
+        a = scale_over_n * inv_std * sum_gx_hat
+        b = torch.addcmul(scale_over_n * sum_g, a, mean, value=-1)
+        grad.mul_(scale.to(x.dtype).view(-1, 1, 1))
+        grad.addcmul_(x, a.to(x.dtype).view(-1, 1, 1), value=-1)
+        grad.addcmul_(mask, b.to(x.dtype).view(-1, 1, 1), value=-1)
+        return grad, None, None, grad_weight, grad_bias, None, None, None
 
 
 def masked_batch_norm(
@@ -210,16 +253,16 @@ def masked_batch_norm(
     x: torch.Tensor,
     mask: torch.Tensor | None,
     sync: bool = True,
-    count: torch.Tensor | None = None,
+    sites: VisibleSites | None = None,
 ) -> torch.Tensor:
     """BatchNorm of ``x`` (B, C, H, W) with statistics over the sites where ``mask`` is 1.
 
     ``x`` must already be zero at masked sites; ``mask`` is ``(B, 1, H, W)`` in ``x``'s dtype, or None
-    when every site is visible (then the plain BatchNorm kernel runs unless ranks must sync); ``count``
-    is ``mask.sum()`` when the caller has it already. In training mode (or without running stats)
-    the batch statistics are those of the visible sites alone, summed over ranks when a process
-    group is running (``sync``), and the running statistics are updated from them (unbiased
-    variance, as ``nn.BatchNorm2d``). Masked sites of the output are exactly zero.
+    when every site is visible (then the plain BatchNorm kernel runs unless ranks must sync);
+    ``sites`` is the mask's :class:`VisibleSites` when the caller has it already. In training mode
+    (or without running stats) the batch statistics are those of the visible sites alone, summed
+    over ranks when a process group is running (``sync``), and the running statistics are updated
+    from them (unbiased variance, as ``nn.BatchNorm2d``). Masked sites of the output are exactly zero.
     """
     use_batch_stats = bn.training or bn.running_mean is None
     world = _process_group_size(sync)
@@ -230,21 +273,21 @@ def masked_batch_norm(
         return out * mask
     if mask is None:  # dense, statistics summed over ranks
         mask = x.new_ones(x.shape[0], 1, *x.shape[2:])
-    if count is None:
-        count = mask.sum(dtype=torch.float32)
+    if sites is None:
+        sites = VisibleSites.of(mask.sum(dtype=torch.float64), mask.numel())
     tracking = bn if bn.training and bn.track_running_stats and bn.running_mean is not None else None
-    return _MaskedBatchNormFunction.apply(x, mask, count, bn.weight, bn.bias, bn.eps, world, tracking)
+    return _MaskedBatchNormFunction.apply(x, mask, sites, bn.weight, bn.bias, bn.eps, world, tracking)
 
 
 def _update_running_stats(
-    bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor
+    bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor, sites: VisibleSites
 ) -> None:
     """Exponential (or cumulative) running-stat update exactly as ``nn.BatchNorm2d`` does it."""
     bn.num_batches_tracked.add_(1)
     momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    unbiased = var * count / (count - 1).clamp_min(1)
-    bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), momentum)
-    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), momentum)
+    running = [bn.running_mean, bn.running_var]
+    batch = [mean.to(bn.running_mean.dtype), (var * sites.unbiased).to(bn.running_var.dtype)]
+    torch._foreach_lerp_(running, batch, momentum)
 
 
 class _SparseLayer:
@@ -257,25 +300,25 @@ class SparseBatchNorm2d(nn.BatchNorm2d, _SparseLayer):
     """``nn.BatchNorm2d`` whose statistics cover visible sites only (dense when no mask is set)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask, count = _site_mask(self.sparsity, x)
-        return masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, count)
+        mask, sites = _site_mask(self.sparsity, x)
+        return masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, sites)
 
 
 class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
     """timm ``BatchNormAct2d`` (norm, dropout, activation) with visible-site statistics."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mask, count = _site_mask(self.sparsity, x)
-        x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, count)))
+        mask, sites = _site_mask(self.sparsity, x)
+        x = self.act(self.drop(masked_batch_norm(self, x, mask, self.sparsity.sync_batchnorm, sites)))
         return x if mask is None or isinstance(self.act, ZERO_PRESERVING) else x * mask
 
 
-def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The mask at ``x``'s resolution and its number of visible sites, or (None, None) when dense."""
+def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> tuple[torch.Tensor | None, VisibleSites | None]:
+    """The mask at ``x``'s resolution and its visible sites, or (None, None) when dense."""
     if not sparsity.enabled:
         return None, None
     height, width = x.shape[-2:]
-    return sparsity.mask(height, width, x.dtype), sparsity.visible_count(height, width)
+    return sparsity.mask(height, width, x.dtype), sparsity.visible_sites(height, width)
 
 
 def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
@@ -304,6 +347,58 @@ class SparseSqueezeExcite(SqueezeExcite, _SparseLayer):
         return x * self.gate(x_se)
 
 
+def _fill_masked_for_max(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its masked sites set to the lowest finite value, so they never win a max over a
+    visible one.
+
+    Not -inf: in a window of masked sites only, a finite value still wins over the implicit -inf
+    padding, so the recorded argmax is an in-bounds (masked) site and the backward pass never
+    indexes outside the input (whose output is zeroed anyway, so it gets no gradient).
+    """
+    visible = sparsity.bool_mask(x.shape[-2], x.shape[-1])
+    # torch.where keeps a channels-last input channels-last (masked_fill with an NCHW mask does not)
+    return torch.where(visible, x, torch.finfo(x.dtype).min)
+
+
+class _VisibleMaxPoolFunction(torch.autograd.Function):
+    """2-D max-pooling over visible inputs with masked outputs zero. Keeps for backward the input
+    itself (which the layer before it, a ReLU in ResNets, keeps anyway) and the argmax indices, not
+    the filled copy of the input that ``max_pool2d``'s own backward would keep."""
+
+    @staticmethod
+    def forward(ctx, x, sparsity: SparsityContext, pool: nn.MaxPool2d):
+        geometry = [_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation)]
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            _fill_masked_for_max(sparsity, x), *geometry, pool.ceil_mode
+        )
+        visible_out = sparsity.bool_mask(out.shape[-2], out.shape[-1])
+        ctx.save_for_backward(x, indices, visible_out)
+        ctx.geometry, ctx.ceil_mode = geometry, pool.ceil_mode
+        return torch.where(visible_out, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, indices, visible_out = ctx.saved_tensors
+        grad_out = torch.where(visible_out, grad_out, 0.0)  # masked outputs are constant zeros
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.geometry, ctx.ceil_mode, indices)
+        return grad_x, None, None
+
+
+def _pair(value: int | tuple[int, ...]) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+class SparseMaxPool2d(nn.MaxPool2d, _SparseLayer):
+    """``nn.MaxPool2d`` over visible inputs only, masked outputs zero (dense when no mask is set)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sparsity.enabled:
+            return super().forward(x)
+        if self.return_indices:
+            raise NotImplementedError("MaxPool2d(return_indices=True) has no sparse version")
+        return _VisibleMaxPoolFunction.apply(x, self.sparsity, self)
+
+
 # Activations with f(0) = 0: applied to a masked map they keep masked sites at zero.
 ZERO_PRESERVING: tuple[type, ...] = (
     nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Tanh,
@@ -316,6 +411,7 @@ _REBUILT: Mapping[type, type] = MappingProxyType({
     BatchNormAct2d: SparseBatchNormAct2d,
     SEModule: SparseSEModule,
     SqueezeExcite: SparseSqueezeExcite,
+    nn.MaxPool2d: SparseMaxPool2d,
 })
 
 # How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
@@ -359,18 +455,10 @@ def _mask_nhwc_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) ->
 
 
 def _max_pool_pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-    """Give masked inputs of a max-pool the lowest finite value, so they never win over a visible one.
-
-    Not -inf: in a window of masked sites only, a finite value still wins over the implicit -inf
-    padding, so the recorded argmax is an in-bounds (masked) site and the backward pass never
-    indexes outside the input (whose output is zeroed anyway, so it gets no gradient).
-    """
+    """Masked inputs of a max-pool subclass (e.g. timm's ``MaxPool2dSame``) lose every max."""
     if not module.sparsity.enabled:
         return None
-    (x,) = args
-    visible = module.sparsity.bool_mask(x.shape[-2], x.shape[-1])
-    # torch.where keeps a channels-last input channels-last (masked_fill with an NCHW mask does not)
-    return (torch.where(visible, x, torch.finfo(x.dtype).min),)
+    return (_fill_masked_for_max(module.sparsity, args[0]),)
 
 
 def _max_pool_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
@@ -399,7 +487,7 @@ def _install_hooks(module: nn.Module, sparsity: SparsityContext) -> list:
     """Hook one stateless layer; returns the hook handles (empty if the layer needs none)."""
     if isinstance(module, nn.AvgPool2d):
         hooks = [module.register_forward_hook(_avg_pool_hook)]
-    elif isinstance(module, nn.MaxPool2d):
+    elif isinstance(module, nn.MaxPool2d):  # subclasses only: nn.MaxPool2d itself is rebuilt
         hooks = [module.register_forward_pre_hook(_max_pool_pre_hook), module.register_forward_hook(_max_pool_hook)]
     elif isinstance(module, (nn.Conv2d, LayerNorm2d)):
         hooks = [module.register_forward_hook(_mask_nchw_output_hook)]

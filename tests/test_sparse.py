@@ -4,10 +4,19 @@ import copy
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain.encoder import SparseEncoder
-from pretrain.sparse import _MaskedBatchNormFunction, masked_batch_norm
+from pretrain.sparse import (
+    SparseMaxPool2d,
+    SparsityContext,
+    VisibleSites,
+    _MaskedBatchNormFunction,
+    masked_batch_norm,
+    rebuild_as,
+    upsample_mask,
+)
 
 
 def _masked_input(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +62,8 @@ def test_gradcheck() -> None:
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
 
     def fn(x_: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return _MaskedBatchNormFunction.apply(x_ * mask, mask, mask.sum(), w, b, 1e-5, 1, None)
+        sites = VisibleSites.of(mask.sum(dtype=torch.float32), mask.numel())
+        return _MaskedBatchNormFunction.apply(x_ * mask, mask, sites, w, b, 1e-5, 1, None)
 
     assert torch.autograd.gradcheck(fn, (x, weight, bias))
 
@@ -70,3 +80,40 @@ def test_full_mask_gradients_equal_dense_timm() -> None:
     for (name, a), b in zip(encoder.model.named_parameters(), reference.parameters(), strict=True):
         scale = b.grad.abs().max()
         assert (a.grad - b.grad).abs().max() <= 1e-4 * scale, name
+
+
+def test_bf16_statistics_are_computed_in_float32() -> None:
+    """Visible-site statistics of a bf16 map whose mean dwarfs its spread (a cancellation that bf16
+    statistics cannot survive) match the float64 computation on the same bf16 values."""
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(4, 1, 8, 8, generator=g) < 0.4).double()
+    x = ((torch.randn(4, 16, 8, 8, generator=g, dtype=torch.float64) * 0.1 + 3) * mask).bfloat16()
+    bn = nn.BatchNorm2d(16)
+    reference = _gathered_batch_norm(nn.BatchNorm1d(16).double(), x.double(), mask)
+    out = masked_batch_norm(bn, x, mask.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), reference, rtol=0.0, atol=0.05)
+
+
+def test_max_pool_over_visible_sites_keeps_no_copy_of_its_input() -> None:
+    sparsity = SparsityContext()
+    pool = rebuild_as(nn.MaxPool2d(3, stride=2, padding=1), SparseMaxPool2d)
+    pool.sparsity = sparsity
+    g = torch.Generator().manual_seed(0)
+    active = torch.tensor([[True, False], [False, False], [True, True], [False, True]]).view(2, 1, 2, 2)
+    visible_in, visible_out = upsample_mask(active, (8, 8)), upsample_mask(active, (4, 4))
+    x = (torch.randn(2, 4, 8, 8, generator=g) * visible_in).requires_grad_()  # visible values of both signs
+    saved = []
+    with sparsity.use(active), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = pool(x)
+    x_ref = x.detach().clone().requires_grad_()
+    ref = F.max_pool2d(torch.where(visible_in, x_ref, -torch.inf), 3, stride=2, padding=1)
+    ref = torch.where(visible_out, ref, 0.0)
+    assert torch.equal(out, ref)
+    probe = torch.randn(out.shape, generator=g)
+    (out * probe).sum().backward()
+    (ref * probe).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    # what backward keeps: the input itself (shared with the layer before), indices and masks
+    kept = [t for t in saved if t.is_floating_point()]
+    assert kept and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
