@@ -9,7 +9,8 @@ batched GEMM per group for grouped and depthwise convolutions), and scattered in
 linear layer on a channels-last feature map runs on the gathered visible tokens alone. Both give
 the masked backend's values (the masked sites of a submanifold layer's input are zero, exactly what
 the gather reads there). The tap indices are built once per forward pass and layer geometry; the
-backward pass keeps the gathered matrix of 1x1 kernels and gathers again for larger ones.
+backward pass gathers again from the input when that is a channels-last map (kept by the network
+anyway), else keeps the gathered matrix of 1x1 kernels.
 
 The layers are rebuilt as subclasses of ``nn.Conv2d`` and ``nn.Linear`` that share the original
 parameters, so state-dict keys are unchanged; with no mask set they are the plain layers.
@@ -61,15 +62,16 @@ def conv_taps(
 class _GatherGemm(torch.autograd.Function):
     """``values[g] = tokens[index] (grouped) @ weight[g]``, rows at ``outside`` reading zero.
 
-    For backward it keeps whichever is smaller: the gathered matrix (a 1x1 kernel reads only the
-    visible sites) or, for larger kernels whose gathered matrix repeats each input k*k times, the
-    tokens themselves, gathering again in backward.
+    For backward it keeps the tokens and gathers again when they are a view of a map that the
+    network keeps anyway (``tokens_shared``: a channels-last input), else whichever is smaller: the
+    gathered matrix (a 1x1 kernel reads only the visible sites) or, for larger kernels whose
+    gathered matrix repeats each input k*k times, the tokens.
     """
 
     @staticmethod
-    def forward(ctx, tokens, index, outside, weight, sites: int) -> torch.Tensor:
+    def forward(ctx, tokens, index, outside, weight, sites: int, tokens_shared: bool) -> torch.Tensor:
         columns = _grouped_columns(tokens, index, outside, sites, weight.shape[0])
-        ctx.keep_columns = columns.numel() <= tokens.numel()
+        ctx.keep_columns = not tokens_shared and columns.numel() <= tokens.numel()
         ctx.save_for_backward(columns if ctx.keep_columns else tokens, index, outside, weight)
         ctx.sites, ctx.tokens_shape = sites, tokens.shape
         return torch.bmm(columns, weight)
@@ -87,7 +89,7 @@ class _GatherGemm(torch.autograd.Function):
             grad_columns = grad_columns.view(groups, index.numel(), -1).transpose(0, 1).reshape(index.numel(), -1)
             grad_columns.index_fill_(0, outside, 0)  # padding taps: no gradient to the clamped rows
             grad_tokens = grad_columns.new_zeros(ctx.tokens_shape).index_add_(0, index, grad_columns)
-        return grad_tokens, None, None, grad_weight, None
+        return grad_tokens, None, None, grad_weight, None, None
 
 
 def _grouped_columns(
@@ -122,8 +124,9 @@ def gather_conv2d(
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         tokens, weight = tokens.to(dtype), weight.to(dtype)
+    shared = tokens.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
     with torch.autocast(device_type, enabled=False):
-        values = _GatherGemm.apply(tokens, index, outside, weight, n).transpose(0, 1).reshape(n, out_channels)
+        values = _GatherGemm.apply(tokens, index, outside, weight, n, shared).transpose(0, 1).reshape(n, out_channels)
     if conv.bias is not None:
         values = values + conv.bias.to(values.dtype)
     out = values.new_zeros(batch * out_h * out_w, out_channels).index_copy(0, out_rows, values)

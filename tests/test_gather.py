@@ -31,13 +31,20 @@ def _max_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> floa
     return max(float((a - e).detach().abs().max()) for a, e in zip(actual, expected, strict=True)) / scale
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_gather_matches_masked_values_and_gradients(name: str) -> None:
+# every family in NCHW; two in channels-last, where backward gathers again from the kept input map
+CASES = [(name, False) for name in MODELS] + [("resnet18", True), ("convnext_atto", True)]
+
+
+@pytest.mark.parametrize(("name", "channels_last"), CASES)
+def test_gather_matches_masked_values_and_gradients(name: str, channels_last: bool) -> None:
     masked, gather = _backends(name)
     assert any(isinstance(m, (GatherConv2d, GatherLinear)) for m in gather.modules())
     assert gather.model.state_dict().keys() == masked.model.state_dict().keys()
     active = _random_mask(BATCH, GRID, keep=6, seed=1)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        masked.to(memory_format=torch.channels_last), gather.to(memory_format=torch.channels_last)
     results = []
     for encoder in (masked, gather):
         encoder.train()
