@@ -25,7 +25,6 @@ from .preemption import StopRequest
 
 __all__ = [
     "Engine",
-    "autocast_for",
     "NonFiniteError",
     "StepResult",
     "TrainState",

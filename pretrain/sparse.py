@@ -28,6 +28,7 @@ from timm.layers import BatchNormAct2d, LayerNorm2d, SEModule
 from timm.layers import activations as timm_act
 from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .gather import gatherable
 
@@ -382,10 +383,6 @@ class _VisibleMaxPoolFunction(torch.autograd.Function):
         grad_out = torch.where(visible_out, grad_out, 0.0)  # masked outputs are constant zeros
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, x, *ctx.geometry, ctx.ceil_mode, indices)
         return grad_x, None, None
-
-
-def _pair(value: int | tuple[int, ...]) -> list[int]:
-    return [value, value] if isinstance(value, int) else list(value)
 
 
 class SparseMaxPool2d(nn.MaxPool2d, _SparseLayer):

@@ -6,12 +6,14 @@ import pytest
 
 from pretrain import bench
 
+# a ResNet-18 SparK at 64 px with a 32-wide decoder, one timed step without warm-up, on the CPU
+SMOKE = ["--model", "resnet18", "--input-size", "64", "--batch-size", "2", "--decoder-width", "32",
+         "--steps", "1", "--warmup", "0", "--repeats", "1", "--device", "cpu", "--json"]
+
 
 def test_bench_times_every_mode_side_by_side(tmp_path, capsys) -> None:
     out = tmp_path / "bench.json"
-    argv = ["--model", "resnet18", "--input-size", "64", "--batch-size", "2", "--decoder-width", "32",
-            "--steps", "1", "--warmup", "0", "--repeats", "1", "--modes", "sparse,gather,zero",
-            "--device", "cpu", "--json", "--save", str(out)]
+    argv = [*SMOKE, "--modes", "sparse,gather,zero", "--save", str(out)]
     assert bench.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
@@ -27,9 +29,7 @@ def test_bench_times_every_mode_side_by_side(tmp_path, capsys) -> None:
 
 
 def test_bench_times_the_fp32_baseline_in_the_same_run(capsys) -> None:
-    argv = ["--model", "resnet18", "--input-size", "64", "--batch-size", "2", "--decoder-width", "32",
-            "--steps", "1", "--warmup", "0", "--repeats", "1", "--modes", "sparse", "--amp", "bf16",
-            "--channels-last", "--against-fp32", "--device", "cpu", "--json"]
+    argv = [*SMOKE, "--modes", "sparse", "--amp", "bf16", "--channels-last", "--against-fp32"]
     assert bench.main(argv) == 0
     printed = json.loads(capsys.readouterr().out)
     assert set(printed["results"]) == {"sparse", "sparse@fp32"}
