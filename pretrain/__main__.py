@@ -19,20 +19,7 @@ import numpy as np
 import torch
 from iopath.common.file_io import PathManager
 
-from .checkpoint import (
-    CHECKPOINT,
-    ENCODER,
-    CheckpointError,
-    atomic_write_json,
-    capture_rng,
-    encoder_payload,
-    find_checkpoint,
-    join,
-    load_checkpoint,
-    restore_rng,
-    save_torch,
-)
-from .cli import ArgumentParser
+from .checkpoint import ENCODER, encoder_payload
 from .config import ConfigError, PretrainConfig, add_config_arguments, resolve_config
 from .data import DataError, build_pretrain_dataset, ensure_demo_data
 from .distributed import (
@@ -49,7 +36,18 @@ from .distributed import (
 from .engine import Engine, NonFiniteError, TrainState, derive_seed, epoch_loader, steps_per_epoch
 from .logging_utils import RunLogger, setup_logging
 from .optim import build_optimizer, build_schedule
-from .preemption import StopRequest, parse_signals
+from .runtime.checkpoint import (
+    CHECKPOINT,
+    CheckpointError,
+    capture_rng,
+    find_checkpoint,
+    load_torch,
+    restore_rng,
+    save_torch,
+)
+from .runtime.cli import ArgumentParser
+from .runtime.io import atomic_write_json, join
+from .runtime.signals import StopRequest, parse_signals
 from .spark import SparK, build_spark
 
 __all__ = ["Outcome", "RunError", "build_parser", "main", "run"]
@@ -177,7 +175,8 @@ def _build_model(cfg: PretrainConfig, env: DistEnv) -> tuple[SparK, list[str]]:
 
 def _load(path: str, run: _Run, pm: PathManager) -> tuple[TrainState, Any]:
     """Restore weights, optimiser and position from ``path``; returns the state and this rank's RNG state."""
-    checkpoint = load_checkpoint(path, pm)
+    required = ("model", "optimizer", "state", "rng", "config")
+    checkpoint = load_torch(path, required, "training checkpoint of python -m pretrain", pm)
     saved = checkpoint["config"]
     changed = [key for key in ARCHITECTURE_KEYS if saved.get(key) != getattr(run.cfg, key)]
     if changed:

@@ -28,8 +28,8 @@ import torch
 from timm.optim import create_optimizer_v2
 
 from .amp import autocast_for
-from .cli import ArgumentParser
 from .config import AMP_MODES
+from .runtime.cli import ArgumentParser
 from .spark import build_spark
 
 # Benchmark modes: the model each one builds (keyword arguments of build_spark).

@@ -1,149 +1,43 @@
-"""Atomic checkpoint I/O through iopath: the training checkpoint, the timm-format encoder, RNG states.
+"""SparK's own files: the pretraining checkpoint and ``encoder_timm.pth``, and reading either back.
 
-Every file is written under a temporary name, synced, and renamed into place, so a crash at any moment never
-leaves a truncated file under the final name. iopath's ``mv`` does not overwrite, so the old file is moved
-aside first: ``checkpoint-last.pth`` keeps its predecessor as ``checkpoint-last.pth.prev`` and
-:func:`find_checkpoint` falls back to it if a crash lands between the two renames.
+``encoder_timm.pth`` is ``{"state_dict": timm keys, "model_name": str, "meta": {...}}`` and loads strictly
+into ``timm.create_model(model_name, num_classes=0)``. ``checkpoint-last.pth`` (written through
+:mod:`pretrain.runtime.checkpoint`) holds the whole SparK model under ``model`` and the resolved config.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import random
-from collections.abc import Callable
-from typing import IO, Any
+from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from iopath.common.file_io import PathManager
+
+from .runtime.checkpoint import CheckpointError, load_torch
 
 __all__ = [
-    "CHECKPOINT",
     "ENCODER",
-    "CheckpointError",
-    "atomic_write",
-    "atomic_write_json",
-    "capture_rng",
+    "ENCODER_PREFIX",
+    "EncoderWeights",
     "encoder_payload",
-    "find_checkpoint",
-    "join",
-    "load_checkpoint",
-    "restore_rng",
-    "save_torch",
+    "load_spark_checkpoint",
+    "read_encoder_weights",
+    "read_spark_checkpoint",
 ]
 
-CHECKPOINT = "checkpoint-last.pth"
 ENCODER = "encoder_timm.pth"
-PREVIOUS_SUFFIX = ".prev"
-TMP_SUFFIX = ".tmp"
+ENCODER_PREFIX = "encoder.model."  # where the timm encoder's keys sit in the SparK model's state dict
+SPARK_CHECKPOINT = "SparK checkpoint"
+# Config keys a checkpoint must hold for the model to be rebuilt from it.
+REBUILD_KEYS = ("model", "input_size", "decoder_width", "mask_ratio", "densify_norm", "masking", "hierarchy", "ape",
+                "loss_on")
 
 
-def join(folder: str, name: str) -> str:
-    """``folder/name`` for local paths and URIs alike."""
-    return folder.rstrip("/") + "/" + name
+class EncoderWeights(NamedTuple):
+    """A pretrained encoder: timm model name, its timm state dict (no classifier), and where it came from."""
 
-
-def _sync_to_disk(handle: IO) -> None:
-    handle.flush()
-    with contextlib.suppress(AttributeError, OSError, io.UnsupportedOperation):  # remote handles: no descriptor
-        os.fsync(handle.fileno())
-
-
-def atomic_write(
-    path: str, write: Callable[[IO], None], binary: bool = True, keep_previous: bool = False,
-    pm: PathManager | None = None,
-) -> None:
-    """Write ``path`` through ``write(handle)`` on a temporary file, then rename it into place.
-
-    iopath's ``mv`` does not overwrite, so the old file is first moved to ``path + '.prev'``
-    (``keep_previous``) or removed; readers of a checkpoint fall back to ``.prev`` if ``path`` is missing.
-    """
-    pm = pm or PathManager()
-    folder = path.rsplit("/", 1)[0] if "/" in path else "."
-    pm.mkdirs(folder)
-    tmp = path + TMP_SUFFIX
-    with pm.open(tmp, "wb" if binary else "w") as handle:
-        write(handle)
-        _sync_to_disk(handle)
-    if pm.exists(path):
-        if keep_previous:
-            previous = path + PREVIOUS_SUFFIX
-            if pm.exists(previous):
-                pm.rm(previous)
-            _move(pm, path, previous)
-        else:
-            pm.rm(path)
-    _move(pm, tmp, path)
-
-
-def _move(pm: PathManager, src: str, dst: str) -> None:
-    if not pm.mv(src, dst):
-        raise OSError(f"could not rename {src} to {dst}")
-
-
-def atomic_write_json(path: str, obj: Any, pm: PathManager | None = None) -> None:
-    """Atomically write ``obj`` as indented JSON."""
-    text = json.dumps(obj, indent=2) + "\n"
-    atomic_write(path, lambda handle: handle.write(text), binary=False, pm=pm)
-
-
-def save_torch(path: str, obj: Any, keep_previous: bool = False, pm: PathManager | None = None) -> None:
-    """Atomically ``torch.save`` ``obj`` to ``path``."""
-    atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous=keep_previous, pm=pm)
-
-
-def find_checkpoint(folder: str, pm: PathManager | None = None) -> str | None:
-    """``folder/checkpoint-last.pth``, else its ``.prev`` (a crash between the two renames), else None."""
-    pm = pm or PathManager()
-    last = join(folder, CHECKPOINT)
-    for candidate in (last, last + PREVIOUS_SUFFIX):
-        if pm.exists(candidate):
-            return candidate
-    return None
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or is not a training checkpoint of this runner."""
-
-
-def load_checkpoint(path: str, pm: PathManager | None = None) -> dict[str, Any]:
-    """Read a training checkpoint written by this runner (a dict with ``model``, ``optimizer``, ``state``...)."""
-    pm = pm or PathManager()
-    try:
-        with pm.open(path, "rb") as handle:
-            checkpoint = torch.load(handle, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch.load raises many types for damaged files
-        hint = f"; its predecessor {path}{PREVIOUS_SUFFIX} may load (--resume it)" if not path.endswith(
-            PREVIOUS_SUFFIX) and pm.exists(path + PREVIOUS_SUFFIX) else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}{hint}") from error
-    required = {"model", "optimizer", "state", "rng", "config"}
-    if not isinstance(checkpoint, dict) or not required <= checkpoint.keys():
-        raise CheckpointError(f"{path} is not a training checkpoint of python -m pretrain (needs {sorted(required)})")
-    return checkpoint
-
-
-def capture_rng() -> dict[str, Any]:
-    """The states of Python's, NumPy's, torch's CPU and (if initialised) the current GPU's random generators.
-
-    Only the current device's CUDA state is read: each rank owns one GPU, and touching the others would
-    create a CUDA context on every GPU of the node from every rank.
-    """
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Inverse of :func:`capture_rng` (the CUDA state goes to the current device)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    model_name: str
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any]
 
 
 def encoder_payload(encoder_state: dict[str, torch.Tensor], model_name: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -158,3 +52,54 @@ def encoder_payload(encoder_state: dict[str, torch.Tensor], model_name: str, met
         "model_name": model_name,
         "meta": meta,
     }
+
+
+def read_spark_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A pretraining checkpoint (``model`` state dict and ``config``); :class:`CheckpointError` if it is not one."""
+    checkpoint = load_torch(str(path), required=("model", "config"), kind=SPARK_CHECKPOINT)
+    config = checkpoint["config"]
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{path} is not a {SPARK_CHECKPOINT}: its 'config' names no model")
+    return checkpoint
+
+
+def read_encoder_weights(path: str | os.PathLike) -> EncoderWeights:
+    """The timm encoder of ``encoder_timm.pth`` or of a pretraining ``checkpoint-last.pth``.
+
+    Raises :class:`CheckpointError` naming the file when it is missing, truncated, or neither kind.
+    """
+    loaded = load_torch(str(path), kind="checkpoint")
+    if isinstance(loaded, dict) and {"state_dict", "model_name"} <= loaded.keys():
+        return EncoderWeights(loaded["model_name"], dict(loaded["state_dict"]), dict(loaded.get("meta") or {}))
+    if isinstance(loaded, dict) and {"model", "config"} <= loaded.keys() and isinstance(loaded["config"], dict):
+        state = {k[len(ENCODER_PREFIX):]: v for k, v in loaded["model"].items() if k.startswith(ENCODER_PREFIX)}
+        if not state:
+            raise CheckpointError(f"{path} holds no '{ENCODER_PREFIX}*' weights: not a {SPARK_CHECKPOINT}")
+        meta = {"epoch": loaded.get("epoch"), "iteration": loaded.get("iteration"), "config": loaded["config"],
+                "method": "SparK"}
+        return EncoderWeights(loaded["config"]["model"], state, meta)
+    found = sorted(loaded)[:8] if isinstance(loaded, dict) else type(loaded).__name__
+    raise CheckpointError(f"{path} is neither {ENCODER} (state_dict, model_name) nor a {SPARK_CHECKPOINT} "
+                          f"(model, config); found {found}")
+
+
+def load_spark_checkpoint(path: str | os.PathLike, mask_ratio: float | None = None):  # -> tuple[SparK, dict]
+    """Rebuild the SparK model saved in ``path`` in eval mode; returns ``(model, config)``.
+
+    ``mask_ratio`` overrides the saved ratio (it holds no weights). Raises :class:`CheckpointError` naming
+    the file if it is missing, unreadable, or does not match its config.
+    """
+    from .spark import build_spark_from_config
+
+    checkpoint = read_spark_checkpoint(path)
+    config = checkpoint["config"]
+    missing = [key for key in REBUILD_KEYS if key not in config]
+    if missing:
+        raise CheckpointError(f"{path} is not a {SPARK_CHECKPOINT}: its config lacks {', '.join(missing)}")
+    overrides = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+    try:
+        model = build_spark_from_config(config, **overrides)
+        model.load_state_dict(checkpoint["model"], strict=True)
+    except (RuntimeError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"cannot rebuild {config['model']} from {path}: {error}") from error
+    return model.eval(), config

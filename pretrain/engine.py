@@ -21,7 +21,7 @@ from .data import collate_skip_corrupt
 from .distributed import DistEnv, all_reduce_sum
 from .logging_utils import RunLogger
 from .optim import Schedule
-from .preemption import StopRequest
+from .runtime.signals import StopRequest
 
 __all__ = [
     "Engine",

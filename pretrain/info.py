@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import timm
 import torch
 
-from .cli import ArgumentParser
+from .runtime.cli import ArgumentParser
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from iopath.common.file_io import PathManager
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .checkpoint import atomic_write, join
+from .runtime.io import atomic_write, join
 
 __all__ = ["METRICS", "RunLogger", "read_metrics", "setup_logging"]
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,8 @@ from .decoder import LightDecoder
 from .encoder import SparseEncoder
 from .sparse import masked_batch_norm, upsample_mask
 
-__all__ = ["SparK", "Densify", "Reconstruction", "patchify", "unpatchify", "build_spark"]
+__all__ = ["SPARK_CONFIG_KEYS", "SparK", "Densify", "Reconstruction", "patchify", "unpatchify", "build_spark",
+           "build_spark_from_config"]
 
 MASKINGS = ("sparse", "zero")
 LOSS_ON = ("masked", "all")
@@ -240,3 +242,18 @@ def build_spark(
     encoder = SparseEncoder.from_name(model_name, backend=sparse_backend, drop_path_rate=drop_path_rate)
     decoder = LightDecoder(decoder_width, encoder.downsample_ratio)
     return SparK(encoder, decoder, input_size=input_size, **spark_kwargs)
+
+
+# Keys of a pretraining config (``config.json``, a checkpoint's ``config``) that shape the SparK model.
+SPARK_CONFIG_KEYS = ("decoder_width", "input_size", "drop_path_rate", "mask_ratio", "densify_norm", "masking",
+                     "sparse_backend", "hierarchy", "ape", "loss_on")
+
+
+def build_spark_from_config(config: Mapping[str, Any], **overrides: Any) -> SparK:
+    """The SparK model a pretraining config describes (``config['model']`` plus :data:`SPARK_CONFIG_KEYS`).
+
+    ``overrides`` replace config values (e.g. ``masking='zero'`` for a benchmark, ``mask_ratio`` for figures).
+    """
+    kwargs = {key: config[key] for key in SPARK_CONFIG_KEYS if key in config}
+    kwargs.update(overrides)
+    return build_spark(config["model"], **kwargs)

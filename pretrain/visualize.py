@@ -11,70 +11,23 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .cli import ArgumentParser
-from .data import DataError, ImageFolderDataset, build_eval_dataset, denormalize
+from .checkpoint import load_spark_checkpoint
+from .data import ImageFolderDataset, build_eval_dataset, denormalize
 from .encoder import SparseEncoder
-from .spark import SparK, build_spark
+from .runtime.cli import ArgumentParser, run_cli, setup_logging
+from .spark import SparK
 
-__all__ = ["CheckpointError", "draw_reconstructions", "load_spark_checkpoint", "main", "reconstruction_figure"]
+__all__ = ["draw_reconstructions", "main", "reconstruction_figure"]
 
 PROG = "python -m pretrain.visualize"
-SPARK_KWARGS = ("mask_ratio", "densify_norm", "masking", "hierarchy", "ape", "loss_on")
-CONFIG_KEYS = ("model", "input_size", "decoder_width", *SPARK_KWARGS)  # what the rebuild reads
 COLUMNS = ("raw", "masked", "prediction + visible", "prediction")
 PANEL_INCHES = 2.0
 PATCH = SparseEncoder.downsample_ratio  # input sides must be multiples of the mask patch
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable SparK checkpoint (missing, unreadable, wrong keys, wrong weights)."""
-
-
-def _read_checkpoint(path: Path) -> tuple[dict, dict]:
-    """``(state_dict, config)`` of a checkpoint file, checked for the keys the rebuild needs."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # the suite's own files (pickle)
-    except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise CheckpointError(f"{path} is not a SparK checkpoint: expected a dict with keys 'model' and 'config'")
-    config = checkpoint["config"]
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} is not a SparK checkpoint: its 'config' is not a dict")
-    missing = [key for key in CONFIG_KEYS if key not in config]
-    if missing:
-        raise CheckpointError(f"{path} is not a SparK checkpoint: its config lacks {', '.join(missing)}")
-    return checkpoint["model"], config
-
-
-def load_spark_checkpoint(path: str | os.PathLike, mask_ratio: float | None = None) -> tuple[SparK, dict[str, Any]]:
-    """Rebuild the SparK model saved in ``path`` (``{"model": state_dict, "config": {...}}``), in eval mode.
-
-    ``mask_ratio`` overrides the saved ratio (it holds no weights). Returns ``(model, config)``; raises
-    :class:`CheckpointError` naming the file if it is missing, unreadable, or does not match its config.
-    Loads with ``weights_only=False``: only open checkpoints you trust.
-    """
-    path = Path(path)
-    state, config = _read_checkpoint(path)
-    kwargs = {key: config[key] for key in SPARK_KWARGS}
-    if mask_ratio is not None:
-        kwargs["mask_ratio"] = mask_ratio
-    try:
-        model = build_spark(
-            config["model"], decoder_width=config["decoder_width"], input_size=config["input_size"], **kwargs
-        )
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise CheckpointError(f"cannot rebuild {config['model']} from {path}: {error}") from error
-    return model.eval(), config
 
 
 def reconstruction_figure(panels: Sequence[torch.Tensor], titles: Sequence[str] = COLUMNS) -> Figure:
@@ -178,20 +131,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        model, config = load_spark_checkpoint(args.ckpt, mask_ratio=args.mask_ratio)
-        size = args.input_size or config["input_size"]
-        images = _pick_images(build_eval_dataset(args.images, size), args.num, torch.Generator().manual_seed(args.seed))
-    except (CheckpointError, DataError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
+    setup_logging(level=logging.WARNING)
+    return run_cli(PROG, lambda: _draw(args))
+
+
+def _draw(args: argparse.Namespace) -> None:
+    model, config = load_spark_checkpoint(args.ckpt, mask_ratio=args.mask_ratio)
+    size = args.input_size or config["input_size"]
+    images = _pick_images(build_eval_dataset(args.images, size), args.num, torch.Generator().manual_seed(args.seed))
     model, images = model.to(args.device), images.to(args.device)
     grid = (size // model.patch_size,) * 2
     active = model.mask(len(images), args.device, generator=torch.Generator().manual_seed(args.seed), grid=grid)
     out = draw_reconstructions(model, images, active, args.out)
     print(f"wrote {out} ({len(images)} images, mask ratio {model.mask_ratio}, {config['model']})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,16 +7,9 @@ import pytest
 import timm
 import torch
 
-from pretrain.checkpoint import (
-    CHECKPOINT,
-    atomic_write,
-    atomic_write_json,
-    capture_rng,
-    encoder_payload,
-    find_checkpoint,
-    restore_rng,
-    save_torch,
-)
+from pretrain.checkpoint import encoder_payload
+from pretrain.runtime.checkpoint import CHECKPOINT, capture_rng, find_checkpoint, restore_rng, save_torch
+from pretrain.runtime.io import atomic_write, atomic_write_json
 from pretrain.spark import build_spark
 
 

@@ -18,7 +18,7 @@ import torch
 from pretrain.__main__ import build_parser, main
 from pretrain.config import config_fields, overrides_to_argv, resolve_config
 from pretrain.data import make_demo_dataset
-from pretrain.preemption import StopRequest, parse_signals
+from pretrain.runtime.signals import StopRequest, parse_signals
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS_PER_EPOCH = 3, 4

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pretrain.checkpoint import load_spark_checkpoint
 from pretrain.data import make_demo_dataset
+from pretrain.runtime.checkpoint import CheckpointError
 from pretrain.spark import build_spark
-from pretrain.visualize import CheckpointError, draw_reconstructions, load_spark_checkpoint, main
+from pretrain.visualize import draw_reconstructions, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {

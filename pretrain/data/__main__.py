@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..cli import ArgumentParser
+from ..runtime.cli import ArgumentParser, run_cli, setup_logging
 from .demo import CLASSES, DemoSpec, default_demo_root, make_demo_dataset
-from .folder import DataError, ImageFolderDataset
+from .folder import ImageFolderDataset
 
 PROG = "python -m pretrain.data"
 
@@ -90,13 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one tool; 0 on success, 1 (one line on stderr) on a runtime error, 2 on a usage error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.run(args)
-    except (DataError, OSError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 1
-    return 0
+    setup_logging(level=logging.WARNING)
+    return run_cli(PROG, lambda: args.run(args))
 
 
 if __name__ == "__main__":

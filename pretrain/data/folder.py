@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..runtime.errors import SuiteError
 from .transforms import PRETRAIN_SCALE, eval_transform, pretrain_transform
 
 __all__ = [
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 UNLABELLED = -1  # label of every image of a flat folder
 
 
-class DataError(ValueError):
+class DataError(SuiteError, ValueError):
     """A data path that cannot feed a run: missing, not a folder, no image files, or no decodable image."""
 
 
