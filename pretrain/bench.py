@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 from timm.optim import create_optimizer_v2
 
-from .amp import autocast_for
-from .config import AMP_MODES
 from .runtime.cli import ArgumentParser
+from .runtime.config import AMP_CHOICES, CHANNELS_LAST_CHOICES
+from .runtime.precision import Precision, choose_precision
 from .spark import build_spark
 
 # Benchmark modes: the model each one builds (keyword arguments of build_spark).
@@ -79,14 +79,15 @@ def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
     torch.manual_seed(0)
     model = build_spark(args.model, decoder_width=args.decoder_width, input_size=args.input_size, **MODES[mode])
     model.to(device).train()
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    precision = choose_precision(device, args.amp, args.channels_last)
+    memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)
     optimizer = create_optimizer_v2(model, "lamb", lr=1e-4, weight_decay=0.04)
     forward = torch.compile(model) if args.compile else model
     images = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
     images = images.contiguous(memory_format=memory_format)
     generator = torch.Generator(device=device).manual_seed(0)
-    autocast = autocast_for(device, args.amp)
+    autocast = precision.autocast(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -119,9 +120,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
 def _child_command(args: argparse.Namespace, mode: str) -> list[str]:
     argv = [sys.executable, "-m", "pretrain.bench", "--child", mode, "--model", args.model,
             "--input-size", str(args.input_size), "--batch-size", str(args.batch_size), "--device", args.device,
-            "--amp", args.amp, "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--decoder-width", str(args.decoder_width)]
-    argv += ["--channels-last"] * args.channels_last + ["--compile"] * args.compile
+            "--amp", args.amp, "--channels-last", args.channels_last, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--decoder-width", str(args.decoder_width)]
+    argv += ["--compile"] * args.compile
     return argv
 
 
@@ -133,7 +134,7 @@ def run_in_child(args: argparse.Namespace, run: str) -> BenchResult:
     interpreter (a clean peak-memory reading) and parse its JSON line."""
     mode = run.removesuffix(FP32_SUFFIX)
     if run.endswith(FP32_SUFFIX):
-        args = argparse.Namespace(**{**vars(args), "amp": "none", "channels_last": False, "compile": False})
+        args = argparse.Namespace(**{**vars(args), "amp": "none", "channels_last": "off", "compile": False})
     proc = subprocess.run(_child_command(args, mode), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark of {run} failed:\n{proc.stderr.strip()}")
@@ -159,8 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--decoder-width", type=int, default=768)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    parser.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast dtype")
-    parser.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                        help="autocast dtype; auto: bf16 where the device computes it natively (default auto)")
+    parser.add_argument("--channels-last", choices=CHANNELS_LAST_CHOICES, default="auto", nargs="?", const="on",
+                        help="channels-last memory format; auto: where it pays off on the device; "
+                             "--channels-last alone means on (default auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the whole model (compile time excluded)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per mode (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
@@ -194,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     runs = modes + [m + FP32_SUFFIX for m in modes] * args.against_fp32
     results = best_of_repeats(args, runs)
+    precision = choose_precision(args.device, args.amp, args.channels_last)
     summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("child", "save")},
-               "device_name": _device_name(args.device), "results": {m: asdict(r) for m, r in results.items()}}
+               "device_name": _device_name(args.device, precision), "precision": precision.to_dict(),
+               "results": {m: asdict(r) for m, r in results.items()}}
     summary.update(ratios(results))
     if args.save:
         Path(args.save).write_text(json.dumps(summary, indent=1) + "\n")
@@ -221,16 +227,19 @@ def ratios(results: dict[str, BenchResult]) -> dict[str, float]:
     return out
 
 
-def _device_name(device: str) -> str:
+def _device_name(device: str, precision: Precision) -> str:
+    """The device, and for a CPU its thread count and whether it computes bf16 natively."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    native = "native bf16" if precision.bf16_native else "no native bf16"
+    return f"{precision.device_name} CPU ({torch.get_num_threads()} threads, {native})"
 
 
 def _print_table(summary: dict) -> None:
     s = summary["settings"]
+    p = summary["precision"]
     print(f"{s['model']} {s['input_size']}px batch {s['batch_size']} on {summary['device_name']}, "
-          f"amp={s['amp']} channels_last={s['channels_last']} compile={s['compile']}")
+          f"amp={p['amp']} channels_last={p['channels_last']} compile={s['compile']} ({p['reason']})")
     on_cuda = any(r["device_busy_s"] is not None for r in summary["results"].values())
     busy_header = f" {'busy s':>8} {'kernels':>8}" if on_cuda else ""
     print(f"{'mode':<12} {'s/step':>8} {'img/s':>8} {'peak MB':>9} {'loss':>8}{busy_header}")

@@ -56,14 +56,14 @@ class Schedule:
     weight_decay_end: float
     total_steps: int
 
-    def apply(self, step: int) -> tuple[float, float]:
-        """Set the lr and weight decay of optimiser step ``step`` (0-based); returns ``(lr, weight_decay)``."""
+    def apply(self, step: int) -> dict[str, float]:
+        """Set the lr and weight decay of optimiser step ``step`` (0-based); returns ``{"lr", "weight_decay"}``."""
         self.lr_scheduler.step_update(step)
         wd = cosine(self.weight_decay, self.weight_decay_end, step / max(self.total_steps - 1, 1))
         for group in self.optimizer.param_groups:
             if group["initial_weight_decay"] > 0:
                 group["weight_decay"] = wd
-        return self.optimizer.param_groups[0]["lr"], wd if self.weight_decay > 0 else 0.0
+        return {"lr": self.optimizer.param_groups[0]["lr"], "weight_decay": wd if self.weight_decay > 0 else 0.0}
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig, steps_per_epoch: int) -> Schedule:

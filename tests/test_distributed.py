@@ -13,18 +13,21 @@ import torch.multiprocessing as mp
 
 from pretrain.config import resolve_config
 from pretrain.data import make_demo_dataset
-from pretrain.distributed import (
-    RankSyncedBatchNorm2d,
+from pretrain.optim import build_optimizer
+from pretrain.runtime.distributed import (
+    DistEnv,
     freeze_unused_parameters,
     init_distributed,
     shutdown_distributed,
-    sync_batchnorm,
     world_size_from_environment,
     wrap_ddp,
 )
-from pretrain.engine import train_step
-from pretrain.optim import build_optimizer
+from pretrain.runtime.loop import LoopSettings, Trainer
+from pretrain.runtime.precision import Precision
+from pretrain.runtime.runlog import RunLogger
+from pretrain.runtime.signals import StopRequest
 from pretrain.spark import build_spark
+from pretrain.syncbn import RankSyncedBatchNorm2d, sync_batchnorm
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE, PER_RANK, STEPS, ACCUM = 64, 2, 3, 2
@@ -52,13 +55,28 @@ def _data(model, step: int, micro: int):
     return images, model.mask(2 * PER_RANK, "cpu", generator=generator)
 
 
+class _GivenMasks:
+    """A SparK task whose micro-batches carry their masks in the labels' place."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def loss(self, images, active, generator):
+        return self.model(images, active)
+
+
 def _train(name: str, rank: int, world_size: int) -> dict[str, torch.Tensor]:
     cfg, model, frozen, optimizer = _setup(name, world_size)
-    ddp = wrap_ddp(model, init_distributed("cpu")) if world_size > 1 else model
+    env = init_distributed("cpu") if world_size > 1 else DistEnv()
+    ddp = wrap_ddp(model, env)
     share = slice(rank * PER_RANK * 2 // world_size, (rank + 1) * PER_RANK * 2 // world_size)
+    fp32 = Precision("none", False, "cpu", "the runner's fp32 step")
+    trainer = Trainer(_GivenMasks(ddp), optimizer, lambda step: {}, LoopSettings(1, STEPS, ACCUM, cfg.clip_grad),
+                      env, fp32, RunLogger("", False, False, False), StopRequest(), lambda *a, **k: None)
     for step in range(STEPS):
         batches = [tuple(t[share] for t in _data(model, step, micro)) for micro in range(ACCUM)]
-        train_step(ddp, optimizer, batches, cfg, step + 1)
+        trainer.state.step = step
+        trainer.step(batches)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

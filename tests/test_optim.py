@@ -63,7 +63,7 @@ def test_lr_warmup_cosine_and_weight_decay_cosine():
     optimizer = build_optimizer(model, cfg)
     schedule = build_schedule(optimizer, cfg, steps_per_epoch=10)  # 100 steps, 20 of warm-up
     values = [schedule.apply(step) for step in range(100)]
-    lrs, wds = [v[0] for v in values], [v[1] for v in values]
+    lrs, wds = [v["lr"] for v in values], [v["weight_decay"] for v in values]
     assert lrs[0] == pytest.approx(cfg.warmup_lr_ratio)
     assert lrs[10] == pytest.approx(cfg.warmup_lr_ratio + (1 - cfg.warmup_lr_ratio) * 10 / 20)
     assert lrs[20] == pytest.approx(1.0) and max(lrs) == pytest.approx(1.0)

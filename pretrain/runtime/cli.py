@@ -43,14 +43,14 @@ def fail(prog: str, message: object, code: int = RUNTIME_ERROR) -> NoReturn:
 def run_cli(prog: str, body: Callable[[], int | None], runtime_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a tool's ``body`` and turn the errors a user can fix into one line on stderr.
 
-    :class:`UsageError` exits 2; :class:`SuiteError`, ``OSError`` and ``runtime_errors`` exit 1. Anything else
-    is a bug and keeps its traceback. Returns ``body``'s exit code (``None`` means 0).
+    :class:`UsageError` exits with code 2 at once (``SystemExit``, as argparse does for bad flags);
+    :class:`SuiteError`, ``OSError`` and ``runtime_errors`` return 1. Anything else is a bug and keeps its
+    traceback. Returns ``body``'s exit code (``None`` means 0).
     """
     try:
         return body() or 0
     except UsageError as error:
-        report(prog, error)
-        return USAGE_ERROR
+        fail(prog, error, USAGE_ERROR)
     except (SuiteError, OSError, *runtime_errors) as error:
         report(prog, error)
         return RUNTIME_ERROR

@@ -20,10 +20,11 @@ from iopath.common.file_io import PathManager
 from .errors import SuiteError
 from .io import atomic_write_json, join, read_json
 
-__all__ = ["RESULT", "SCHEMA_VERSION", "STAGES", "ResultError", "RunResult", "find_results", "read_result",
-           "write_result"]
+__all__ = ["METRICS", "RESULT", "SCHEMA_VERSION", "STAGES", "ResultError", "RunResult", "find_results",
+           "read_metrics", "read_result", "write_result"]
 
 RESULT = "result.json"
+METRICS = "metrics.jsonl"  # one JSON record per logging step, written by every stage
 SCHEMA_VERSION = 1
 STAGES = ("pretrain", "cls", "det")
 
@@ -94,3 +95,24 @@ def find_results(root: str | os.PathLike) -> Iterator[tuple[str, RunResult]]:
                 yield folder, read_result(os.path.join(folder, RESULT))
             except ResultError:
                 continue
+
+
+def read_metrics(path: str | os.PathLike, pm: PathManager | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (or the one in a run folder); [] if there is none.
+
+    A partial last line (a crash mid-write) is ignored.
+    """
+    pm = pm or PathManager()
+    path = str(path)
+    if not path.endswith(".jsonl"):
+        path = join(path, METRICS)
+    if not pm.exists(path):
+        return []
+    records = []
+    with pm.open(path, "r") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from typing import Any
 
@@ -11,37 +10,13 @@ from iopath.common.file_io import PathManager
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .runtime.io import atomic_write, join
+from .io import atomic_write, join
+from .result import METRICS, read_metrics
 
-__all__ = ["METRICS", "RunLogger", "read_metrics", "setup_logging"]
+__all__ = ["RunLogger"]
 
-METRICS = "metrics.jsonl"
-TENSORBOARD_SCALARS = ("loss", "lr", "weight_decay", "grad_norm", "images_per_s")
-
-
-def setup_logging(is_main: bool) -> None:
-    """INFO messages on the main rank, warnings and errors on the others, to stderr."""
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
-
-
-def read_metrics(path: str, pm: PathManager | None = None) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file; a partial last line (a crash mid-write) is ignored."""
-    pm = pm or PathManager()
-    if not pm.exists(path):
-        return []
-    records = []
-    with pm.open(path, "r") as handle:
-        for line in handle:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+# Bookkeeping fields of a record that are not curves worth plotting.
+NOT_SCALARS = ("step", "epoch", "step_in_epoch", "time", "images_seen", "skipped_images")
 
 
 class RunLogger:
@@ -72,15 +47,16 @@ class RunLogger:
         atomic_write(self.path, lambda handle: handle.write(text), binary=False, pm=self.pm)
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append ``record`` (must hold ``step``) to ``metrics.jsonl`` and its scalars to TensorBoard."""
+        """Append ``record`` (must hold ``step``) to ``metrics.jsonl`` and its numbers to TensorBoard
+        (``name`` as ``train/name``, names with a slash such as ``eval/top1`` as they are)."""
         if not self.enabled:
             return
         with self.pm.open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for name in TENSORBOARD_SCALARS:
-                if record.get(name) is not None:
-                    self.writer.add_scalar(f"train/{name}", record[name], record["step"])
+            for name, value in record.items():
+                if name not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(name if "/" in name else f"train/{name}", value, record["step"])
 
     def bar(self, total: int, initial: int, desc: str) -> tqdm:
         """A tqdm bar (rate, ETA) over ``total`` optimiser steps; disabled off the main rank or when asked.
