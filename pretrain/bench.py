@@ -30,9 +30,9 @@ from timm.optim import create_optimizer_v2
 from .runtime.cli import ArgumentParser
 from .runtime.config import AMP_CHOICES, CHANNELS_LAST_CHOICES
 from .runtime.precision import Precision, choose_precision
-from .spark import build_spark
+from .spark import build_spark_from_config
 
-# Benchmark modes: the model each one builds (keyword arguments of build_spark).
+# Benchmark modes: the model each one builds (overrides of build_spark_from_config).
 MODES: dict[str, dict[str, str]] = {
     "sparse": {"masking": "sparse", "sparse_backend": "masked"},
     "gather": {"masking": "sparse", "sparse_backend": "gather"},
@@ -77,7 +77,8 @@ def run_mode(args: argparse.Namespace, mode: str) -> BenchResult:
     """Time ``args.steps`` training steps of one benchmark mode in this process."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = build_spark(args.model, decoder_width=args.decoder_width, input_size=args.input_size, **MODES[mode])
+    config = {"model": args.model, "decoder_width": args.decoder_width, "input_size": args.input_size}
+    model = build_spark_from_config(config, **MODES[mode])
     model.to(device).train()
     precision = choose_precision(device, args.amp, args.channels_last)
     memory_format = torch.channels_last if precision.channels_last else torch.contiguous_format
