@@ -105,7 +105,7 @@ def test_paper_preset_resolves_the_published_recipe(capsys):
     assert (convnext.densify_norm, convnext.beta2, convnext.drop_path_rate) == ("ln", 0.999, 0.2)
     assert convnext.grad_accum_steps == 4096 // (128 * 8)
     tiny = resolve_config("tiny", {"beta2": 0.9})
-    assert (tiny.model, tiny.input_size, tiny.beta2) == ("resnet18", 128, 0.9)  # explicit values win
+    assert (tiny.model, tiny.input_size, tiny.beta2) == ("resnet18", 96, 0.9)  # explicit values win (issue 9: 96 px)
 
 
 def test_overrides_round_trip_through_the_command_line(capsys):
