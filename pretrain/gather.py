@@ -18,14 +18,11 @@ parameters, so state-dict keys are unchanged; with no mask set they are the plai
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from .sparse import SparsityContext
+from .mask_context import SparsityContext
 
 __all__ = ["GatherConv2d", "GatherLinear", "conv_taps", "gather_conv2d", "gather_linear"]
 

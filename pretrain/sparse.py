@@ -1,36 +1,43 @@
-"""Submanifold-sparse execution of an unmodified timm convnet.
+"""Submanifold-sparse execution of an unmodified timm convnet: the layers with state or memory tricks.
 
-The sparse semantics are realised on dense tensors whose masked sites are exactly zero:
-every layer that could write a non-zero value to a masked site (convolutions, linear layers on
-feature maps, per-site norms, pooling) is followed by a multiplication with the patch mask at its
-output resolution, and every layer that mixes sites (BatchNorm statistics, max-pooling,
-squeeze-excitation means) only reads visible sites. Pointwise activations keep zeros at zero.
+The sparse semantics are realised on dense tensors whose masked sites are exactly zero: every operation
+that could write a non-zero value to a masked site is followed by a multiplication with the patch mask at
+its output resolution, and every operation that mixes sites (BatchNorm statistics, pooling, global means,
+attention pooling) only reads visible sites. Pointwise activations keep zeros at zero.
 
-No timm class is edited. Stateless layers get forward hooks; BatchNorm and squeeze-excitation
-layers are rebuilt as subclasses that share the original parameters and buffers, so the model's
-``state_dict`` keys are untouched. The mask lives in a :class:`SparsityContext` owned by one
-encoder instance and is set only for the duration of that encoder's forward pass.
+No timm class is edited. Two mechanisms share the work:
+
+- this module rebuilds the layers that keep state or need a custom backward (BatchNorm, whose statistics
+  and running statistics cover visible sites only, and ``nn.MaxPool2d``, which keeps no filled copy of its
+  input) as subclasses that share the original parameters and buffers, so ``state_dict`` keys are untouched;
+  with ``backend='gather'``, plain convolutions and linear layers are rebuilt as well (:mod:`pretrain.gather`);
+- everything else, the stateless layers and whatever a block's ``forward`` computes with functions
+  (``x.mean((2, 3))``, ``F.adaptive_avg_pool2d``, ``F.pad``, a softmax over positions), is handled by
+  :class:`pretrain.sparse_functions.SparseFunctionMode`, which the encoder enters during its forward pass.
+
+The mask lives in a :class:`pretrain.mask_context.SparsityContext` owned by one encoder instance and is set
+only for the duration of that encoder's forward pass. Layers that mix sites in a way neither mechanism
+makes sparse (group norms, self-attention over tokens) are refused by :func:`sparsify`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+import importlib
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import BatchNormAct2d, LayerNorm2d, SEModule
+from timm.layers import BatchNormAct2d
 from timm.layers import activations as timm_act
-from timm.models._efficientnet_blocks import SqueezeExcite
 from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .gather import gatherable
+from .mask_context import SparsityContext, VisibleSites, upsample_mask
+from .sparse_functions import fill_masked
 
 __all__ = [
     "BACKENDS",
@@ -42,114 +49,9 @@ __all__ = [
     "masked_batch_norm",
     "rebuild_as",
     "sparsify",
+    "unsupported_reason",
     "upsample_mask",
 ]
-
-
-class SparsityContext:
-    """The patch mask of the current forward pass and its views at every feature resolution.
-
-    ``active`` is a bool tensor ``(B, 1, h, w)`` on the patch grid (True = visible). Views at a
-    resolution ``(H, W)`` that is an integer multiple of the grid are the nearest upsampling of it
-    and are computed once per forward pass and dtype.
-    """
-
-    def __init__(self) -> None:
-        self.active: torch.Tensor | None = None
-        self.sync_batchnorm: bool = True
-        self._views: dict[tuple, Any] = {}
-
-    @contextlib.contextmanager
-    def use(self, active: torch.Tensor | None) -> Iterator[None]:
-        """Make ``active`` the mask seen by every sparse layer inside the ``with`` block."""
-        self.active, self._views = active, {}
-        try:
-            yield
-        finally:
-            self.active, self._views = None, {}
-
-    @property
-    def enabled(self) -> bool:
-        return self.active is not None
-
-    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
-        """``compute()``, evaluated once per forward pass for each ``key`` (the mask views below, and
-        index tensors that layers such as :mod:`pretrain.gather` derive from the mask)."""
-        if key not in self._views:
-            self._views[key] = compute()
-        return self._views[key]
-
-    def bool_mask(self, height: int, width: int) -> torch.Tensor:
-        """The bool mask ``(B, 1, H, W)`` at ``(height, width)``."""
-        return self.cached(("bool", height, width), lambda: self._upsample(height, width))
-
-    def _upsample(self, height: int, width: int) -> torch.Tensor:
-        grid_h, grid_w = self.active.shape[-2:]
-        if height % grid_h or width % grid_w or height // grid_h != width // grid_w:
-            raise ValueError(
-                f"feature map of size {height}x{width} is not an integer upsampling of the "
-                f"{grid_h}x{grid_w} patch grid; the encoder must not downsample beyond its "
-                "patch size"
-            )
-        return upsample_mask(self.active, (height, width))
-
-    def mask(
-        self, height: int, width: int, dtype: torch.dtype, channels_last: bool = False
-    ) -> torch.Tensor:
-        """The mask at ``(height, width)`` as ``(B, 1, H, W)`` or, channels-last, ``(B, H, W, 1)``."""
-
-        def compute() -> torch.Tensor:
-            mask = self.bool_mask(height, width).to(dtype)
-            return mask.permute(0, 2, 3, 1) if channels_last else mask
-
-        return self.cached(("float", height, width, dtype, channels_last), compute)
-
-    def visible_sites(self, height: int, width: int) -> VisibleSites:
-        """The number of visible sites in the whole batch at ``(height, width)`` and its factors."""
-
-        def compute() -> VisibleSites:
-            visible = self.bool_mask(height, width)
-            return VisibleSites.of(visible.sum(dtype=torch.float64), visible.numel())
-
-        return self.cached(("sites", height, width), compute)
-
-    def visible_index(self, height: int, width: int) -> torch.Tensor:
-        """Flat indices ``b*H*W + i*W + j`` of the visible sites at ``(height, width)``, ascending."""
-        return self.cached(
-            ("index", height, width), lambda: self.bool_mask(height, width).flatten().nonzero().squeeze(1)
-        )
-
-    def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
-        """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
-        return self.cached(("count", height, width), lambda: self.bool_mask(height, width).flatten(1).sum(1).float())
-
-
-@dataclass(frozen=True)
-class VisibleSites:
-    """A count ``n`` of visible sites and the factors sparse BatchNorm derives from it, 0-dim float64
-    tensors (exact factors for float64 models; a 0-dim tensor does not change the dtype of the
-    statistics it multiplies), computed once per resolution and forward pass rather than per layer."""
-
-    count: torch.Tensor
-    inv_count: torch.Tensor  # 1 / n
-    unbiased: torch.Tensor  # n / (n - 1): Bessel's correction of the running variance
-    ratio: torch.Tensor | None = None  # N / n, N the number of all sites (for statistics of one rank)
-    excess: torch.Tensor | None = None  # N / n - 1
-
-    @classmethod
-    def of(cls, count: torch.Tensor, total: int | None = None) -> VisibleSites:
-        """Factors of ``count`` visible sites out of ``total`` (ratio and excess only when given)."""
-        count = count.to(torch.float64)
-        n = count.clamp_min(1.0)
-        inv_count = n.reciprocal()
-        ratio = None if total is None else inv_count * total
-        return cls(count, inv_count, n / (n - 1).clamp_min(1.0), ratio, None if ratio is None else ratio - 1)
-
-
-def upsample_mask(active: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Nearest upsampling of a patch mask ``(B, 1, h, w)`` to ``size`` (integer multiples of h and w)."""
-    scale_h, scale_w = size[0] // active.shape[-2], size[1] // active.shape[-1]
-    return active.repeat_interleave(scale_h, dim=-2).repeat_interleave(scale_w, dim=-1)
 
 
 def _process_group_size(sync: bool) -> int:
@@ -322,45 +224,6 @@ def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> tuple[torch.Tensor
     return sparsity.mask(height, width, x.dtype), sparsity.visible_sites(height, width)
 
 
-def _visible_mean(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
-    """Spatial mean of ``x`` (B, C, H, W) over visible sites, shape (B, C, 1, 1)."""
-    if not sparsity.enabled:
-        return x.mean((2, 3), keepdim=True)
-    counts = sparsity.visible_per_sample(x.shape[-2], x.shape[-1]).to(x.dtype)
-    return x.sum((2, 3), keepdim=True) / counts.view(-1, 1, 1, 1)
-
-
-class SparseSEModule(SEModule, _SparseLayer):
-    """timm ``SEModule`` whose squeeze averages visible sites only."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.add_maxpool:
-            raise NotImplementedError("SEModule(add_maxpool=True) has no sparse version")
-        x_se = self.fc2(self.act(self.bn(self.fc1(_visible_mean(self.sparsity, x)))))
-        return x * self.gate(x_se)
-
-
-class SparseSqueezeExcite(SqueezeExcite, _SparseLayer):
-    """timm EfficientNet ``SqueezeExcite`` whose squeeze averages visible sites only."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_se = self.conv_expand(self.act1(self.conv_reduce(_visible_mean(self.sparsity, x))))
-        return x * self.gate(x_se)
-
-
-def _fill_masked_for_max(sparsity: SparsityContext, x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its masked sites set to the lowest finite value, so they never win a max over a
-    visible one.
-
-    Not -inf: in a window of masked sites only, a finite value still wins over the implicit -inf
-    padding, so the recorded argmax is an in-bounds (masked) site and the backward pass never
-    indexes outside the input (whose output is zeroed anyway, so it gets no gradient).
-    """
-    visible = sparsity.bool_mask(x.shape[-2], x.shape[-1])
-    # torch.where keeps a channels-last input channels-last (masked_fill with an NCHW mask does not)
-    return torch.where(visible, x, torch.finfo(x.dtype).min)
-
-
 class _VisibleMaxPoolFunction(torch.autograd.Function):
     """2-D max-pooling over visible inputs with masked outputs zero. Keeps for backward the input
     itself (which the layer before it, a ReLU in ResNets, keeps anyway) and the argmax indices, not
@@ -370,7 +233,7 @@ class _VisibleMaxPoolFunction(torch.autograd.Function):
     def forward(ctx, x, sparsity: SparsityContext, pool: nn.MaxPool2d):
         geometry = [_pair(pool.kernel_size), _pair(pool.stride), _pair(pool.padding), _pair(pool.dilation)]
         out, indices = torch.ops.aten.max_pool2d_with_indices(
-            _fill_masked_for_max(sparsity, x), *geometry, pool.ceil_mode
+            fill_masked(sparsity, x, torch.finfo(x.dtype).min), *geometry, pool.ceil_mode
         )
         visible_out = sparsity.bool_mask(out.shape[-2], out.shape[-1])
         ctx.save_for_backward(x, indices, visible_out)
@@ -402,23 +265,67 @@ ZERO_PRESERVING: tuple[type, ...] = (
     timm_act.GELU, timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.GELUTanh,
 )
 
-# Layers rebuilt as a sparse subclass (exact class match; their insides are left dense).
+# Layers rebuilt as a sparse subclass (exact class match).
 _REBUILT: Mapping[type, type] = MappingProxyType({
     nn.BatchNorm2d: SparseBatchNorm2d,
     BatchNormAct2d: SparseBatchNormAct2d,
-    SEModule: SparseSEModule,
-    SqueezeExcite: SparseSqueezeExcite,
     nn.MaxPool2d: SparseMaxPool2d,
 })
 
 # How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
 BACKENDS: tuple[str, ...] = ("masked", "gather")
 
-# Layers that mix sites in ways this module does not make sparse.
-# (Any other BatchNorm class, e.g. SyncBatchNorm, lands here too: only the exact types above are rebuilt.)
-_UNSUPPORTED: tuple[type, ...] = (
-    nn.GroupNorm, nn.InstanceNorm2d, nn.LocalResponseNorm, nn.modules.batchnorm._BatchNorm,
-)
+_NORM = "it normalises over all sites"
+_ATTENTION = "it attends over all tokens of a map (sparse self-attention would need masked keys)"
+
+# Layers that mix sites in ways this suite does not make sparse, "module:Class" -> reason. Classes missing from
+# the installed timm are skipped. Any BatchNorm class other than the exact types rebuilt above (e.g.
+# SyncBatchNorm) lands here too. Self-attention through scaled_dot_product_attention is also refused by the
+# function mode whatever its class; this list catches the forms written by hand.
+_UNSUPPORTED_SPECS: Mapping[str, str] = MappingProxyType({
+    "torch.nn:GroupNorm": _NORM,
+    "torch.nn:InstanceNorm2d": _NORM,
+    "torch.nn:LocalResponseNorm": _NORM,
+    "torch.nn.modules.batchnorm:_BatchNorm": "this BatchNorm class has no sparse version",
+    "timm.layers.attention:Attention": _ATTENTION,
+    "timm.layers.attention2d:Attention2d": _ATTENTION,
+    "timm.layers.attention2d:MultiQueryAttention2d": _ATTENTION,
+    "timm.layers.attention2d:MultiQueryAttentionV2": _ATTENTION,
+    "timm.layers.bottleneck_attn:BottleneckAttn": _ATTENTION,
+    "timm.layers.halo_attn:HaloAttn": _ATTENTION,
+    "timm.layers.lambda_layer:LambdaLayer": _ATTENTION,
+    "timm.models.edgenext:CrossCovarianceAttn": _ATTENTION,
+    "timm.models.fastvit:Attention": _ATTENTION,
+    "timm.models.swiftformer:EfficientAdditiveAttention": _ATTENTION,
+    "timm.models.efficientformer:Attention": _ATTENTION,
+    "timm.models.efficientformer_v2:Attention2d": _ATTENTION,
+    "timm.models.efficientformer_v2:Attention2dDownsample": _ATTENTION,
+    "timm.models.nextvit:EfficientAttention": _ATTENTION,
+    "timm.models.metaformer:Attention": _ATTENTION,
+    "timm.models.mobilevit:LinearSelfAttention": _ATTENTION,
+})
+
+
+def _resolve(specs: Mapping[str, str]) -> tuple[tuple[type, str], ...]:
+    """The classes named by ``specs`` that exist in the installed packages, with their reasons."""
+    resolved = []
+    for spec, reason in specs.items():
+        module_name, _, class_name = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name, None)
+        except ImportError:
+            cls = None
+        if cls is not None:
+            resolved.append((cls, reason))
+    return tuple(resolved)
+
+
+_UNSUPPORTED: tuple[tuple[type, str], ...] = _resolve(_UNSUPPORTED_SPECS)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot run sparsely (None if nothing is known against it)."""
+    return next((reason for cls, reason in _UNSUPPORTED if isinstance(module, cls)), None)
 
 
 def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
@@ -429,86 +336,17 @@ def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
     return rebuilt
 
 
-# Forward hooks of the stateless layers. They find the mask through the layer's ``sparsity``
-# attribute (set by :func:`sparsify`), so a deep copy of an encoder masks with its own context.
+def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked") -> None:
+    """Make ``model``'s stateful layers compute submanifold-sparsely whenever ``sparsity`` holds a mask.
 
-
-def _mask_output(module: nn.Module, out: torch.Tensor, channels_last: bool) -> torch.Tensor | None:
-    """Zero the masked sites of a 4D output (NCHW, or NHWC if ``channels_last``) in place."""
-    sparsity: SparsityContext = module.sparsity
-    if not sparsity.enabled or out.dim() != 4:
-        return None
-    h, w = (out.shape[1], out.shape[2]) if channels_last else (out.shape[-2], out.shape[-1])
-    # in place: none of the hooked layers keeps its output for backward
-    return out.mul_(sparsity.mask(h, w, out.dtype, channels_last))
-
-
-def _mask_nchw_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-    return _mask_output(module, out, channels_last=False)
-
-
-def _mask_nhwc_output_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-    return _mask_output(module, out, channels_last=True)
-
-
-def _max_pool_pre_hook(module: nn.Module, args: tuple) -> tuple | None:
-    """Masked inputs of a max-pool subclass (e.g. timm's ``MaxPool2dSame``) lose every max."""
-    if not module.sparsity.enabled:
-        return None
-    return (_fill_masked_for_max(module.sparsity, args[0]),)
-
-
-def _max_pool_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-    if not module.sparsity.enabled:
-        return None
-    visible = module.sparsity.bool_mask(out.shape[-2], out.shape[-1])
-    return out.masked_fill_(~visible, 0.0)
-
-
-def _avg_pool_hook(module: nn.AvgPool2d, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
-    """Turn an average pool into an average over visible inputs only."""
-    sparsity: SparsityContext = module.sparsity
-    if not sparsity.enabled:
-        return None
-    (x,) = args
-    visible_in = sparsity.mask(x.shape[-2], x.shape[-1], out.dtype)
-    fraction = F.avg_pool2d(
-        visible_in, module.kernel_size, module.stride, module.padding,
-        module.ceil_mode, module.count_include_pad, module.divisor_override,
-    )
-    visible_out = sparsity.mask(out.shape[-2], out.shape[-1], out.dtype)
-    return out / fraction.clamp_min(1e-6) * visible_out
-
-
-def _install_hooks(module: nn.Module, sparsity: SparsityContext) -> list:
-    """Hook one stateless layer; returns the hook handles (empty if the layer needs none)."""
-    if isinstance(module, nn.AvgPool2d):
-        hooks = [module.register_forward_hook(_avg_pool_hook)]
-    elif isinstance(module, nn.MaxPool2d):  # subclasses only: nn.MaxPool2d itself is rebuilt
-        hooks = [module.register_forward_pre_hook(_max_pool_pre_hook), module.register_forward_hook(_max_pool_hook)]
-    elif isinstance(module, (nn.Conv2d, LayerNorm2d)):
-        hooks = [module.register_forward_hook(_mask_nchw_output_hook)]
-    elif isinstance(module, (nn.Linear, nn.LayerNorm)):
-        # applied to feature maps only in channels-last blocks (ConvNeXt's linear MLP)
-        hooks = [module.register_forward_hook(_mask_nhwc_output_hook)]
-    else:
-        return []
-    module.sparsity = sparsity
-    return hooks
-
-
-def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked") -> list:
-    """Make ``model`` compute submanifold-sparsely whenever ``sparsity`` holds a mask.
-
-    Rebuilds BatchNorm and squeeze-excitation layers in place as sparse subclasses and hooks
-    convolutions, linear layers, norms and max-pools. With ``backend='gather'``, plain convolutions
-    and linear layers on feature maps are rebuilt to compute at visible sites only
-    (:mod:`pretrain.gather`). Returns the hook handles. Raises ``NotImplementedError`` for layers that
-    mix sites and have no sparse version, ``ValueError`` for an unknown backend.
+    Rebuilds BatchNorm and max-pool layers in place as sparse subclasses and, with ``backend='gather'``,
+    plain convolutions and linear layers (:mod:`pretrain.gather`); the rest of the sparse semantics comes
+    from :class:`pretrain.sparse_functions.SparseFunctionMode` during the forward pass. Raises
+    ``NotImplementedError`` naming the first layer that mixes sites and has no sparse version, and
+    ``ValueError`` for an unknown backend.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown sparse backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    handles: list = []
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
@@ -518,13 +356,11 @@ def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked
                 rebuilt = rebuild_as(child, sparse_cls)
                 rebuilt.sparsity = sparsity
                 setattr(parent, name, rebuilt)
-                if issubclass(sparse_cls, nn.modules.batchnorm._BatchNorm):
-                    visit(getattr(parent, name), f"{path}.")  # e.g. BatchNormAct2d's act/drop
-                continue  # squeeze-excitation internals act on pooled vectors: left dense; gather layers are leaves
-            if isinstance(child, _UNSUPPORTED):
-                raise NotImplementedError(f"layer {path} ({type(child).__name__}) has no sparse version")
-            handles.extend(_install_hooks(child, sparsity))
+                visit(rebuilt, f"{path}.")  # e.g. BatchNormAct2d's act/drop
+                continue
+            reason = unsupported_reason(child)
+            if reason is not None:
+                raise NotImplementedError(f"layer {path} ({type(child).__name__}) has no sparse version: {reason}")
             visit(child, f"{path}.")
 
     visit(model, "")
-    return handles

@@ -6,13 +6,14 @@ import copy
 import pytest
 import timm
 import torch
-from test_encoder import MODELS, _pixel_mask, _random_mask
+from encoder_properties import pixel_mask, random_mask
+from test_encoder import MODELS
 from torch import nn
 
 from pretrain.encoder import SparseEncoder
 from pretrain.gather import GatherConv2d, GatherLinear, gather_conv2d
+from pretrain.mask_context import SparsityContext
 from pretrain.spark import build_spark
-from pretrain.sparse import SparsityContext
 
 SIZE, GRID, BATCH = 128, 4, 4  # BatchNorm over 4x4 stride-32 maps stays well conditioned
 RTOL = 1e-4
@@ -31,8 +32,9 @@ def _max_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> floa
     return max(float((a - e).detach().abs().max()) for a, e in zip(actual, expected, strict=True)) / scale
 
 
-# every family in NCHW; two in channels-last, where backward gathers again from the kept input map
-CASES = [(name, False) for name in MODELS] + [("resnet18", True), ("convnext_atto", True)]
+# every family in NCHW (SE: gather convolutions on pooled vectors); two in channels-last, where backward
+# gathers again from the kept input map; HGNetV2, whose stem convolves a padded map
+CASES = [(name, False) for name in MODELS] + [("resnet18", True), ("convnext_atto", True), ("hgnetv2_b0", False)]
 
 
 @pytest.mark.parametrize(("name", "channels_last"), CASES)
@@ -40,7 +42,7 @@ def test_gather_matches_masked_values_and_gradients(name: str, channels_last: bo
     masked, gather = _backends(name)
     assert any(isinstance(m, (GatherConv2d, GatherLinear)) for m in gather.modules())
     assert gather.model.state_dict().keys() == masked.model.state_dict().keys()
-    active = _random_mask(BATCH, GRID, keep=6, seed=1)
+    active = random_mask(BATCH, GRID, keep=6, seed=1)
     x = torch.randn(BATCH, 3, SIZE, SIZE)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -57,12 +59,12 @@ def test_gather_matches_masked_values_and_gradients(name: str, channels_last: bo
     (feats_m, grads_m), (feats_g, grads_g) = results
     for f_m, f_g in zip(feats_m, feats_g, strict=True):
         assert _max_error([f_g], [f_m]) <= RTOL
-        hidden = ~_pixel_mask(active, f_g.shape[-1])
+        hidden = ~pixel_mask(active, f_g.shape[-1])
         assert torch.count_nonzero(f_g * hidden) == 0, "gather backend wrote to a masked site"
     pairs = [(g, m) for g, m in zip(grads_g, grads_m, strict=True) if m is not None]
     assert all(g is not None for g, _ in pairs)
     assert _max_error(*zip(*pairs)) <= RTOL
-    assert torch.count_nonzero(grads_g[0] * ~_pixel_mask(active, SIZE)) == 0, "gradient leaked to masked pixels"
+    assert torch.count_nonzero(grads_g[0] * ~pixel_mask(active, SIZE)) == 0, "gradient leaked to masked pixels"
 
 
 def test_gather_encoder_without_mask_is_the_dense_model() -> None:
@@ -99,10 +101,10 @@ def test_gather_conv2d_equals_dense_conv_at_chosen_sites(conv: nn.Conv2d) -> Non
 
 def test_visible_index_lists_visible_sites_in_order() -> None:
     sparsity = SparsityContext()
-    active = _random_mask(2, 2, keep=2, seed=3)
+    active = random_mask(2, 2, keep=2, seed=3)
     with sparsity.use(active):
         index = sparsity.visible_index(4, 4)
-        expected = _pixel_mask(active, 4).flatten().nonzero().squeeze(1)
+        expected = pixel_mask(active, 4).flatten().nonzero().squeeze(1)
     torch.testing.assert_close(index, expected)
 
 

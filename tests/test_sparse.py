@@ -1,14 +1,18 @@
-"""The sparse BatchNorm kernel against the straightforward gather/BatchNorm1d/scatter formulation."""
+"""The sparse operators: the BatchNorm kernel against the straightforward gather/BatchNorm1d/scatter formulation,
+the max pool, and the function mode (global pools, pads, attention pooling inside a forward)."""
 
 import copy
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import GlobalContext
 from torch import nn
 
 from pretrain.encoder import SparseEncoder
 from pretrain.sparse import (
+    SparseBatchNorm2d,
     SparseMaxPool2d,
     SparsityContext,
     VisibleSites,
@@ -17,6 +21,7 @@ from pretrain.sparse import (
     rebuild_as,
     upsample_mask,
 )
+from pretrain.sparse_functions import SparseFunctionMode
 
 
 def _masked_input(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,3 +122,137 @@ def test_max_pool_over_visible_sites_keeps_no_copy_of_its_input() -> None:
     # what backward keeps: the input itself (shared with the layer before), indices and masks
     kept = [t for t in saved if t.is_floating_point()]
     assert kept and all(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in kept)
+
+
+# --- the function mode: global pools, pads and attention pooling inside a block's forward ---------------------
+
+
+def _visible_map(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2, 3, 8, 8) map, zero outside a 2x2 patch mask with one and three visible patches."""
+    active = torch.tensor([[True, False], [False, False], [True, True], [False, True]]).view(2, 1, 2, 2)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return x * upsample_mask(active, (8, 8)), active
+
+
+def _in_mode(active: torch.Tensor, fn, *args):
+    sparsity = SparsityContext()
+    with sparsity.use(active), SparseFunctionMode(sparsity):
+        return fn(*args)
+
+
+def _visible_mean(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    return x.sum((2, 3), keepdim=True) / upsample_mask(active, x.shape[-2:]).sum((2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize(
+    ("pool", "reference"),
+    [
+        (lambda x: x.mean((2, 3), keepdim=True), _visible_mean),
+        (lambda x: torch.mean(x, dim=(-1, -2)), lambda x, a: _visible_mean(x, a)[..., 0, 0]),
+        (lambda x: x.sum(1, keepdim=True).mean((2, 3)), lambda x, a: _visible_mean(x, a).sum(1)[..., 0]),  # SK unit
+        (lambda x: F.adaptive_avg_pool2d(x, 1), _visible_mean),
+        (lambda x: nn.AdaptiveAvgPool2d((1, 1))(x), _visible_mean),
+        (lambda x: F.avg_pool2d(x, x.shape[-2:]), _visible_mean),
+        (lambda x: x.flatten(2).mean(-1), lambda x, a: _visible_mean(x, a)[..., 0, 0]),
+    ],
+    ids=["tensor.mean", "torch.mean", "sum-then-mean", "adaptive", "module", "avg_pool2d", "flatten-mean"],
+)
+def test_global_averages_in_a_forward_count_visible_sites_only(pool, reference) -> None:
+    x, active = _visible_map()
+    torch.testing.assert_close(_in_mode(active, pool, x), reference(x, active))
+
+
+@pytest.mark.parametrize(
+    "pool", [lambda x: x.amax((2, 3), keepdim=True), lambda x: F.adaptive_max_pool2d(x, 1)], ids=["amax", "adaptive"]
+)
+def test_global_maxima_ignore_masked_sites(pool) -> None:
+    x, active = _visible_map()
+    x = x - 10 * upsample_mask(active, (8, 8))  # visible values all negative: a masked zero must not win
+    expected = torch.where(upsample_mask(active, (8, 8)), x, -torch.inf).amax((2, 3), keepdim=True)
+    torch.testing.assert_close(_in_mode(active, pool, x), expected)
+
+
+def test_pooled_vectors_pass_convolutions_and_batchnorm_unmasked() -> None:
+    """A squeeze-excitation-like path: 1x1 outputs are pooled vectors, not maps the 2x2 grid must mask."""
+    x, active = _visible_map()
+    fc = nn.Conv2d(3, 4, 1).double()
+    bn = rebuild_as(nn.BatchNorm2d(4).double(), SparseBatchNorm2d)
+    sparsity = SparsityContext()
+    bn.sparsity = sparsity
+    with sparsity.use(active), SparseFunctionMode(sparsity):
+        out = bn(fc(x.mean((2, 3), keepdim=True)))
+    visible = upsample_mask(active, (8, 8))
+    expected = nn.BatchNorm2d(4).double()(fc(x.sum((2, 3), keepdim=True) / visible.sum((2, 3), keepdim=True)))
+    torch.testing.assert_close(out, expected)
+
+
+def test_average_pool_counts_padding_as_the_dense_pool_and_masked_sites_not_at_all() -> None:
+    x, active = _visible_map()
+    pool = nn.AvgPool2d(3, stride=1, padding=1)  # count_include_pad=True, as in Res2Net
+    full = torch.ones_like(active)
+    torch.testing.assert_close(_in_mode(full, pool, x), pool(x), rtol=0, atol=1e-15)
+    visible = upsample_mask(active, (8, 8)).double()
+    padding = 9 - F.avg_pool2d(torch.ones_like(visible), 3, 1, 1, count_include_pad=True) * 9
+    divisor = F.avg_pool2d(visible, 3, 1, 1, divisor_override=1) + padding
+    expected = F.avg_pool2d(x, 3, 1, 1, divisor_override=1) / divisor.clamp_min(1) * visible
+    torch.testing.assert_close(_in_mode(active, pool, x), expected)
+
+
+def test_padded_maps_keep_their_sites_positions() -> None:
+    """HGNetV2's stem: pad right and bottom by one, then a 2x2 max pool at stride 1 back to the map's size."""
+    x, active = _visible_map()
+    x = x - 10 * upsample_mask(active, (8, 8))
+
+    def stem(t: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.pad(t, (0, 1, 0, 1)), 2, stride=1)
+
+    visible = upsample_mask(active, (8, 8))
+    filled = F.pad(torch.where(visible, x, -torch.inf), (0, 1, 0, 1))  # padding holds its value, 0
+    expected = torch.where(visible, F.max_pool2d(filled, 2, stride=1), 0.0)
+    torch.testing.assert_close(_in_mode(active, stem, x), expected)
+    torch.testing.assert_close(_in_mode(torch.ones_like(active), stem, x), stem(x))
+
+
+def test_padding_to_a_size_the_network_uses_is_ambiguous() -> None:
+    x, active = _visible_map()
+    with pytest.raises(ValueError, match="ambiguous"):
+        _in_mode(active, lambda t: F.max_pool2d(F.pad(t, (4, 4, 4, 4)), 1), x)  # 8x8 -> 16x16
+
+
+def test_attention_pooling_weighs_visible_positions_and_keeps_masked_sites_zero() -> None:
+    torch.manual_seed(0)
+    block = GlobalContext(3, fuse_add=True, fuse_scale=False).double()
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.5)
+    x, active = _visible_map()
+    out = _in_mode(active, block, x)
+    visible = upsample_mask(active, (8, 8))
+    logits = block.conv_attn(x).masked_fill(~visible, -torch.inf).flatten(2).softmax(-1)
+    context = (x.flatten(2) * logits).sum(-1)[..., None, None]
+    expected = (x + block.mlp_add(context)) * visible
+    torch.testing.assert_close(out, expected)
+
+
+def test_self_attention_over_tokens_is_refused() -> None:
+    x, active = _visible_map()
+    tokens = x.flatten(2).transpose(1, 2)
+    with pytest.raises(NotImplementedError, match="scaled_dot_product_attention"):
+        _in_mode(active, F.scaled_dot_product_attention, tokens, tokens, tokens)
+
+
+def test_mask_views_at_coarser_and_finer_resolutions() -> None:
+    sparsity = SparsityContext()
+    active = torch.tensor([[True, False], [False, False]]).view(1, 1, 2, 2)
+    with sparsity.use(active):
+        assert sparsity.bool_mask(1, 1).item() is True  # a pooled vector of a sample with a visible patch
+        assert torch.equal(sparsity.bool_mask(4, 4), upsample_mask(active, (4, 4)))
+        with pytest.raises(ValueError, match="does not line up"):
+            sparsity.bool_mask(3, 3)
+
+
+def test_adaptive_average_pool_to_a_coarser_grid_averages_visible_sites() -> None:
+    x, active = _visible_map()
+    visible = upsample_mask(active, (8, 8)).double()
+    sums, counts = F.avg_pool2d(x, 2, divisor_override=1), F.avg_pool2d(visible, 2, divisor_override=1)
+    expected = sums / counts.clamp_min(1) * upsample_mask(active, (4, 4))
+    torch.testing.assert_close(_in_mode(active, lambda t: F.adaptive_avg_pool2d(t, 4), x), expected)
