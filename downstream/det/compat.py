@@ -1,0 +1,83 @@
+"""The suite's only monkeypatching: what an old Detectron2 needs to import and run with today's libraries.
+
+The pure-Python Detectron2 0.6 that ``python -m downstream.det.install`` puts in place predates numpy 1.24,
+Pillow 10 and has no compiled ``detectron2._C``. :func:`apply` (run when ``downstream.det`` is imported, so
+before any of its modules imports detectron2) adds exactly what the installed detectron2 needs: each shim is
+applied only if the installed detectron2's sources use the missing name (or its compiled ops are absent)
+*and* the library at hand lacks it. A source build of upstream detectron2 (current numpy/Pillow names,
+compiled ops) gets none. Code that imports detectron2 before ``downstream.det`` does so without the shims.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import types
+from pathlib import Path
+
+__all__ = ["apply", "detectron2_root", "has_compiled_ops"]
+
+# numpy 1.24 removed these aliases of Python builtins (numpy 2 brought back ``np.bool``, as numpy's bool_).
+NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str}
+
+
+def detectron2_root() -> Path | None:
+    """Folder of the installed ``detectron2`` package, found without importing it; None if absent."""
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def has_compiled_ops(root: Path) -> bool:
+    """Whether detectron2 at ``root`` was built with its C++/CUDA extension ``detectron2._C``."""
+    return any(root.glob("_C.*.so")) or any(root.glob("_C.*.pyd")) or any(root.glob("_C.so"))
+
+
+def _sources(root: Path) -> str:
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace") for path in sorted(root.rglob("*.py")))
+
+
+def _stand_in_ops() -> types.ModuleType:
+    module = types.ModuleType("detectron2._C", "Stand-in for the missing compiled ops (downstream.det.compat).")
+
+    def missing(name: str) -> object:
+        raise AttributeError(f"detectron2._C.{name}: this detectron2 was installed without its compiled C++ ops "
+                             "(rotated boxes, deformable convolution, the fast COCO evaluator); build detectron2 "
+                             "from source to use them")
+
+    module.__getattr__ = missing  # PEP 562: called for every name the module lacks
+    return module
+
+
+def apply() -> list[str]:
+    """Apply the shims the installed detectron2 needs (idempotent); returns what was applied (may be empty)."""
+    root = detectron2_root()
+    if root is None:
+        return []
+    applied = []
+    if not has_compiled_ops(root) and "detectron2._C" not in sys.modules:
+        # Shim 1: detectron2 0.6 from the registry's sdist has no compiled detectron2._C, yet layers/deform_conv.py,
+        # layers/rotated_boxes.py, layers/roi_align_rotated.py and evaluation/fast_eval_api.py import it at module
+        # level (layers/__init__ pulls in the first three). Mask R-CNN with FPN calls none of them (its ROIAlign and
+        # NMS are torchvision's); the stand-in names what is missing if something does.
+        sys.modules["detectron2._C"] = _stand_in_ops()
+        applied.append("detectron2._C stand-in")
+    sources = _sources(root)
+    import numpy
+
+    for alias, builtin in NUMPY_ALIASES.items():
+        if alias not in vars(numpy) and re.search(rf"\bnp\.{alias}\b(?!_)", sources):
+            # Shim 2: np.bool/np.int/np.float/np.object/np.str were removed in numpy 1.24 (np.bool returned in 2.0);
+            # detectron2 0.6 uses them, e.g. structures/masks.py (np.bool), data/build.py (np.int).
+            setattr(numpy, alias, builtin)
+            applied.append(f"numpy.{alias}")
+    from PIL import Image
+
+    if "LINEAR" not in vars(Image) and re.search(r"\bImage\.LINEAR\b", sources):
+        # Shim 3: Pillow 10 removed Image.LINEAR (an alias of BILINEAR); detectron2 0.6 evaluates it as a default
+        # argument in data/transforms/transform.py (ExtentTransform), so importing detectron2.data fails without it.
+        Image.LINEAR = Image.Resampling.BILINEAR
+        applied.append("PIL.Image.LINEAR")
+    return applied
