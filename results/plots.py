@@ -1,0 +1,69 @@
+"""Curves of finished runs: pretraining loss (``metrics.jsonl``, else ``result.json``'s ``epoch_losses``) and
+fine-tuning top-1 (``result.json``'s ``curve``), one PNG each. Same inputs give byte-identical files."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+from pretrain.runtime.result import RunResult, read_metrics
+
+__all__ = ["finetune_curve", "loss_curve", "plot_curves"]
+
+Curve = tuple[list[float], list[float]]
+
+
+def loss_curve(folder: str, result: RunResult) -> Curve:
+    """(epochs, loss) of a pretraining run: every logged step of ``metrics.jsonl`` (x in epochs, fractional
+    inside an epoch), or the epoch means of ``result.json`` when there is no metrics file."""
+    records = [r for r in read_metrics(folder) if isinstance(r.get("loss"), (int, float)) and "epoch" in r]
+    steps_per_epoch = max((r.get("step_in_epoch", 0) for r in records), default=0)
+    if records and steps_per_epoch:
+        return ([r["epoch"] + r.get("step_in_epoch", 0) / steps_per_epoch for r in records],
+                [float(r["loss"]) for r in records])
+    losses = [float(v) for v in result.metrics.get("epoch_losses") or [] if isinstance(v, (int, float))]
+    return [float(i) for i in range(1, len(losses) + 1)], losses
+
+
+def finetune_curve(result: RunResult) -> Curve:
+    """(epochs, top-1) of a fine-tuning run from ``result.json``'s ``curve``."""
+    points = [p for p in result.metrics.get("curve") or [] if isinstance(p, dict)
+              and isinstance(p.get("epoch"), (int, float)) and isinstance(p.get("top1"), (int, float))]
+    return [float(p["epoch"]) for p in points], [float(p["top1"]) for p in points]
+
+
+def _plot(curves: Mapping[str, Curve], path: str, title: str, ylabel: str, log_y: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+    for label in sorted(curves):
+        x, y = curves[label]
+        axes.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, linewidth=1.2, label=label)
+    axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    if log_y:
+        axes.set_yscale("log")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7, loc="best")
+    figure.tight_layout()
+    figure.savefig(path, format="png", metadata={"Software": None})
+    plt.close(figure)
+
+
+def plot_curves(runs: Mapping[str, RunResult], root: str, out: str) -> Sequence[str]:
+    """Write ``pretrain_loss.png`` and ``finetune_top1.png`` into ``out`` for the runs that have curves;
+    returns the paths written."""
+    losses = {name: loss_curve(os.path.join(root, name), r) for name, r in runs.items() if r.stage == "pretrain"}
+    top1 = {name: finetune_curve(r) for name, r in runs.items() if r.stage == "cls"}
+    written = []
+    for curves, name, title, ylabel, log_y in (
+            (losses, "pretrain_loss.png", "SparK pretraining loss", "loss (masked patches, normalised pixels)", True),
+            (top1, "finetune_top1.png", "Fine-tuning accuracy", "top-1 (%)", False)):
+        curves = {label: curve for label, curve in curves.items() if curve[0]}
+        if curves:
+            path = os.path.join(out, name)
+            _plot(curves, path, title, ylabel, log_y)
+            written.append(path)
+    return written

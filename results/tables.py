@@ -1,0 +1,196 @@
+"""The paper's tables from ``result.json`` files: markdown and CSV, this run's number beside the paper's.
+
+The tables are data (``results/paper.yaml``): each row names the run folders (under ``--root``) that fill it,
+each column a ``result.json`` metric, and the paper's numbers sit beside them. Output is a pure function of the
+result files: running twice gives identical files. Reads only JSON (no torch).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pretrain.runtime.errors import SuiteError
+from pretrain.runtime.result import RunResult, find_results
+
+__all__ = ["PAPER_FILE", "Cell", "Column", "Row", "TableSpec", "collect_runs", "fill", "load_specs", "render_csv",
+           "render_markdown"]
+
+PAPER_FILE = Path(__file__).resolve().parent / "paper.yaml"
+DASH = "–"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A metric column (``metric`` from the row's ``source`` run) or a difference of two columns (``diff``)."""
+
+    key: str
+    label: str
+    metric: str = ""
+    source: str = ""
+    digits: int = 1
+    diff: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Row:
+    """A table row: the runs that fill it (``source`` -> run folder), the paper's numbers per column key, a note;
+    or the difference of two rows (``diff``: their labels)."""
+
+    label: str
+    runs: dict[str, str] = field(default_factory=dict)
+    paper: dict[str, float] = field(default_factory=dict)
+    note: str = ""
+    diff: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One paper table: where it is written, its title, columns and rows."""
+
+    id: str
+    file: str
+    title: str
+    columns: tuple[Column, ...]
+    rows: tuple[Row, ...]
+    write: str = "always"  # or "when_run": only when one of the table's runs has finished
+
+
+@dataclass(frozen=True)
+class Cell:
+    """The paper's number, this run's number (None: no finished run) and the run folder it came from."""
+
+    paper: float | None = None
+    value: float | None = None
+    folder: str = ""
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.paper is None or self.value is None else self.value - self.paper
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def load_specs(path: str | os.PathLike = PAPER_FILE) -> list[TableSpec]:
+    """The table definitions of ``path``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        specs = []
+        for table in raw["tables"]:
+            columns = tuple(Column(**{**c, "diff": tuple(c.get("diff", ()))}) for c in table["columns"])
+            rows = tuple(Row(**{**r, "diff": tuple(r.get("diff", ()))}) for r in table["rows"])
+            specs.append(TableSpec(table["id"], table["file"], table["title"], columns, rows,
+                                   table.get("write", "always")))
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
+        raise SuiteError(f"cannot read the table definitions {path}: {' '.join(str(error).split())}") from None
+    return specs
+
+
+def collect_runs(root: str | os.PathLike) -> dict[str, RunResult]:
+    """Every finished run under ``root``: run folder relative to ``root`` (``/``-separated) -> its result."""
+    return {Path(os.path.relpath(folder, root)).as_posix(): result for folder, result in find_results(root)}
+
+
+def _cell(row: Row, column: Column, runs: Mapping[str, RunResult]) -> Cell:
+    paper = _number(row.paper.get(column.key))
+    folder = row.runs.get(column.source, "")
+    result = runs.get(folder)
+    value = _number(result.metrics.get(column.metric)) if result else None
+    return Cell(paper, value, folder if value is not None else "")
+
+
+def _minus(a: Cell, b: Cell) -> Cell:
+    paper = None if a.paper is None or b.paper is None else a.paper - b.paper
+    value = None if a.value is None or b.value is None else a.value - b.value
+    return Cell(paper, value)
+
+
+def fill(spec: TableSpec, runs: Mapping[str, RunResult]) -> list[list[Cell]]:
+    """The cells of ``spec`` (rows x columns) from the finished ``runs``."""
+    filled: dict[str, list[Cell]] = {}
+    table = []
+    for row in spec.rows:
+        if row.diff:
+            first, second = (filled[label] for label in row.diff)
+            cells = [_minus(a, b) for a, b in zip(first, second)]
+        else:
+            by_key: dict[str, Cell] = {}
+            for column in spec.columns:
+                by_key[column.key] = (_minus(by_key[column.diff[0]], by_key[column.diff[1]]) if column.diff
+                                      else _cell(row, column, runs))
+            cells = [by_key[c.key] for c in spec.columns]
+        filled[row.label] = cells
+        table.append(cells)
+    return table
+
+
+def has_run(spec: TableSpec, runs: Mapping[str, RunResult]) -> bool:
+    """Whether any run named by ``spec`` has finished."""
+    return any(folder in runs for row in spec.rows for folder in row.runs.values())
+
+
+def _fmt(value: float | None, digits: int, signed: bool = False) -> str:
+    if value is None:
+        return DASH
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return "0.0" if text in ("+0.0", "-0.0") and signed else text
+
+
+def _markdown_cell(cell: Cell, column: Column, row: Row) -> str:
+    signed = bool(column.diff or row.diff)
+    value = _fmt(cell.value, column.digits, signed)
+    if cell.paper is None:
+        return value
+    paper = _fmt(cell.paper, column.digits, signed)
+    if cell.value is None:
+        return f"{DASH} ({paper})"
+    return f"{value} ({paper}; {_fmt(cell.difference, column.digits, True)})"
+
+
+def render_markdown(specs: Sequence[TableSpec], runs: Mapping[str, RunResult], root: str) -> str:
+    """One markdown file holding ``specs`` (the tables that share an output file)."""
+    parts = [f"<!-- generated by `python -m results --root {root}`; edits are overwritten -->", ""]
+    for spec in specs:
+        cells = fill(spec, runs)
+        notes = any(row.note for row in spec.rows)
+        header = ["", *[c.label for c in spec.columns], "Run folders", *(["Notes"] if notes else [])]
+        lines = [f"## {spec.title}", "",
+                 "Each cell: this run (paper; this run - paper). " f"{DASH}: no finished run under `{root}`.", "",
+                 "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row, row_cells in zip(spec.rows, cells):
+            folders = sorted({c.folder for c in row_cells if c.folder})
+            line = [row.label, *[_markdown_cell(c, col, row) for c, col in zip(row_cells, spec.columns)],
+                    ", ".join(folders) or DASH, *([row.note] if notes else [])]
+            lines.append("| " + " | ".join(line) + " |")
+        parts += [*lines, ""]
+    return "\n".join(parts)
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None else f"{round(value, 6):g}"
+
+
+def render_csv(specs: Sequence[TableSpec], runs: Mapping[str, RunResult]) -> str:
+    """Long-format CSV of ``specs``: one line per row and column, paper / this run / difference / run folder."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["table", "row", "column", "metric", "paper", "this_run", "difference", "run_folder"])
+    for spec in specs:
+        for row, row_cells in zip(spec.rows, fill(spec, runs)):
+            for column, cell in zip(spec.columns, row_cells):
+                metric = column.metric or f"{column.diff[0]}-{column.diff[1]}"
+                writer.writerow([spec.id, row.label, column.label, metric, _csv_number(cell.paper),
+                                 _csv_number(cell.value), _csv_number(cell.difference), cell.folder])
+    return buffer.getvalue()

@@ -1,0 +1,252 @@
+"""The sweep without a cluster: sweep data, the paper dry run, planning against the state file, resources,
+the job's preemption protocol, and a local launch run twice (no torch in the launcher)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import textwrap
+
+import pytest
+from test_slurm_support import LAUNCHER, run_tool
+
+from pretrain.runtime.result import write_result
+from pretrain.runtime.stage import Outcome
+from slurm.jobs import JobError, StageJob
+from slurm.launcher import main as launch_main
+from slurm.launcher import make_plan
+from slurm.resources import load_resources
+from slurm.stages import JobSpec
+from slurm.state import JobState, SweepState
+from slurm.sweep import SweepError, apply_extra_args, load_sweep, load_sweep_file, resolve_args
+
+PAPER_TABLES = ("1", "2", "3", "4", "5", "6")
+
+
+def test_paper_dry_run_lists_every_experiment_without_torch(tmp_path):
+    tool = run_tool(LAUNCHER, "--sweep", "paper", "--dry-run", "--root", str(tmp_path), "--imagenet", "/data/in1k")
+    assert tool.returncode == 0, tool.stderr
+    assert tool.heavy == [], "planning a sweep must not import torch or timm"
+    sweep = load_sweep("paper")
+    assert f"sweep paper: {len(sweep.experiments)} experiments (tables 1, 2, 3, 4, 5, 6)" in tool.stdout
+    graph = tool.stdout.split("commands:")[0].splitlines()
+    lines = {line.split()[1]: line for line in graph if line[:3].strip().isdigit()}
+    assert set(lines) == set(sweep.experiments)
+    assert {t for e in sweep.experiments.values() for t in e.tables} == set(PAPER_TABLES)
+    # afterok edges and resources per kind
+    assert "r50-spark-pt" in lines["r50-spark-cls"].split("submit")[1]
+    assert "r50-spark-d2" in lines["r50-spark-det-1x"]
+    assert "4x8 GPU" in lines["cnxs-zero-pt"] and "2x8 GPU" in lines["cnxs-zero-cls"]
+    assert "python -m pretrain --out " + str(tmp_path / "cnxs-nohier-pt") + " --preset paper --data /data/in1k/train " \
+           "--model convnext_small --no-hierarchy" in tool.stdout
+    assert not (tmp_path / "sweep-state.json").exists(), "a dry run writes nothing"
+
+
+def test_table_subsets_hold_each_experiment_once_with_its_dependencies():
+    paper = load_sweep("paper")
+    union = {}
+    for name in ("table1", "table3", "table4", "table5", "table6"):
+        subset = load_sweep(name)
+        for exp in subset.experiments.values():
+            assert set(exp.after) <= set(subset.experiments), f"{name}: {exp.name} misses a dependency"
+            assert union.setdefault(exp.name, exp) == exp
+    assert set(union) == set(paper.experiments)
+    assert {"r50-spark-pt", "r50-spark-d2", "r50-scratch-det-2x"} <= set(load_sweep("table3").experiments)
+    table5 = load_sweep("table5").experiments
+    assert {"cnxs-scratch-cls", "cnxs-spark-cls", "cnxs-zero-cls", "cnxs-nohier-cls", "cnxs-ape-cls",
+            "cnxs-lossall-cls", "cnxs-ep800-cls"} <= set(table5)
+
+
+def test_pretraining_flags_of_every_sweep_parse_with_the_pretraining_parser(tmp_path):
+    from pretrain.__main__ import COMMAND
+
+    expected = {"cnxs-zero-pt": ("masking", "zero"), "cnxs-nohier-pt": ("hierarchy", False),
+                "cnxs-ape-pt": ("ape", True), "cnxs-lossall-pt": ("loss_on", "all"), "cnxs-ep800-pt": ("epochs", 800),
+                "cnxl384-spark-pt": ("input_size", 384), "r50-spark-pt": ("epochs", 1600)}
+    for sweep in (load_sweep("paper"), load_sweep("tiny")):
+        for exp in sweep.experiments.values():
+            if exp.stage != "pretrain":
+                continue
+            argv = ["--out", str(tmp_path / exp.name), *resolve_args(exp, exp.args, str(tmp_path),
+                                                                     {"imagenet": "/data/in1k"})]
+            cfg, _ = COMMAND.parse(argv)
+            if exp.name in expected:
+                field, value = expected[exp.name]
+                assert getattr(cfg, field) == value, exp.name
+
+
+def _write_sweep(tmp_path, text: str) -> str:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+GRAPH = """
+    experiments:
+      - {name: data, stage: command, module: pretrain.data, args: "make-demo ${out}/d", creates: ["${out}/d/demo.json"]}
+      - {name: pt, stage: pretrain, args: "--preset tiny --data ${run:data}/d/train"}
+      - {name: cls, stage: cls, args: "--weights ${run:pt}/encoder_timm.pth --data ${run:data}/d"}
+      - {name: det, stage: det, args: "--weights ${run:pt}/encoder_timm.pth"}
+"""
+
+
+def _plan(sweep, root, state, live=None, stages=("pretrain", "cls", "det"), retry=False):
+    steps = make_plan(sweep, sweep.select(stages), str(root), {}, load_resources(), state, live or {}, retry)
+    return {s.exp.name: s for s in steps}
+
+
+def test_plan_follows_the_disk_and_the_state_file(tmp_path):
+    sweep = load_sweep_file(_write_sweep(tmp_path, GRAPH))
+    root = tmp_path / "runs"
+    state = SweepState(str(root))
+    plan = _plan(sweep, root, state)
+    assert {n: s.action for n, s in plan.items()} == dict.fromkeys(("data", "pt", "cls", "det"), "submit")
+    assert plan["cls"].parents == ("pt", "data") and plan["data"].parents == ()
+
+    # finished work is found on disk: the data step's file, the pretraining run's result.json
+    (root / "data" / "d").mkdir(parents=True)
+    (root / "data" / "d" / "demo.json").write_text("{}")
+    write_result(str(root / "pt"), "pretrain", "resnet18", {"loss_last_epoch": 0.5}, {})
+    # cls is running as job 123; det failed as job 124 (the error submitit pickled)
+    state.record("cls", {"job_id": "123", "cluster": "slurm", "logs": str(root / "cls" / "logs")})
+    (root / "det" / "logs").mkdir(parents=True)
+    with open(root / "det" / "logs" / "124_0_result.pkl", "wb") as handle:
+        pickle.dump(("error", "Traceback (most recent call last):\nValueError: boom"), handle)
+    state.record("det", {"job_id": "124", "cluster": "slurm", "logs": str(root / "det" / "logs")})
+    plan = _plan(sweep, root, state, {"123": JobState("running", "", "0:42")})
+    assert [plan[n].reason for n in ("data", "pt")] == ["completed", "completed"]
+    assert plan["cls"].action == "skip" and plan["cls"].reason == "running as job 123"
+    assert plan["det"].action == "skip" and "ValueError: boom" in plan["det"].reason
+    plan = _plan(sweep, root, state, {"123": JobState("running")}, retry=True)
+    assert plan["det"].action == "submit" and plan["det"].parents == ()
+
+
+def test_later_stages_wait_for_running_pretraining_or_are_blocked(tmp_path):
+    sweep = load_sweep_file(_write_sweep(tmp_path, GRAPH))
+    root = tmp_path / "runs"
+    state = SweepState(str(root))
+    plan = _plan(sweep, root, state, stages=("cls",))
+    assert list(plan) == ["data", "cls"], "command steps come along, other stages do not"
+    assert plan["cls"].action == "blocked" and "pt (not submitted; launch its stage (pretrain))" in plan["cls"].reason
+    state.record("pt", {"job_id": "7", "cluster": "slurm", "logs": str(root / "pt" / "logs")})
+    plan = _plan(sweep, root, state, {"7": JobState("pending", "Resources")}, stages=("cls",))
+    assert plan["cls"].action == "submit" and plan["cls"].parents == ("pt", "data")
+
+
+def test_state_file_is_written_atomically_and_keeps_earlier_jobs(tmp_path):
+    state = SweepState(str(tmp_path))
+    with state.locked():
+        state.record("a", {"job_id": "1", "cluster": "slurm"})
+        state.record("a", {"job_id": "2", "cluster": "slurm"})
+    again = SweepState(str(tmp_path))
+    assert again.experiments["a"]["job_id"] == "2" and again.experiments["a"]["history"] == ["1"]
+    assert sorted(os.listdir(tmp_path)) == [".sweep-state.lock", "sweep-state.json"]
+
+
+def test_resources_are_data_changed_by_the_sweep_then_by_flags():
+    table = load_resources({"default": {"gpus_per_node": 0}, "pretrain": {"timeout_min": 30}},
+                           {"nodes": 2, "gpus_per_node": None}, ["det.tasks=per-node", "command.mem_gb=2"])
+    pretrain, det, command = table.get("pretrain"), table.get("det"), table.get("command")
+    assert (pretrain.nodes, pretrain.gpus_per_node, pretrain.timeout_min, pretrain.tasks_per_node) == (2, 0, 30, 1)
+    assert command.nodes == 1 and command.mem_gb == 2, "node-shape flags leave the CPU steps alone"
+    assert det.tasks == "per-node"
+    assert load_resources().get("cls").tasks_per_node == 8
+    for bad in (["pretrain.gpus=3"], ["pretrain.nodes=two"], ["nokind.nodes=1"], ["det.tasks=per-rack"]):
+        with pytest.raises(SweepError):
+            load_resources(overrides=bad)
+
+
+def test_extra_args_and_placeholders(tmp_path):
+    sweep = load_sweep("tiny")
+    changed = apply_extra_args(sweep.experiments, ["pretrain=--epochs 1", "tiny-*-cls=--epochs 2"])
+    assert changed["tiny-pretrain"].args[-2:] == ("--epochs", "1")
+    assert changed["tiny-spark-cls"].args[-2:] == ("--epochs", "2") and changed["tiny-images"] == \
+        sweep.experiments["tiny-images"]
+    with pytest.raises(SweepError, match="matches no experiment"):
+        apply_extra_args(sweep.experiments, ["nothing=--x"])
+    paper = load_sweep("paper").experiments["r50-spark-pt"]
+    with pytest.raises(SweepError, match="needs --imagenet DIR"):
+        resolve_args(paper, paper.args, str(tmp_path), {})
+    assert "${imagenet}/train" in resolve_args(paper, paper.args, str(tmp_path), {}, missing_ok=True)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("experiments:\n  - {name: a, stage: pretrain, colour: red}\n", "unknown keys ['colour']"),
+    ("experiments:\n  - {name: a, stage: pretrain}\n  - {name: a, stage: cls}\n", "defined twice"),
+    ("experiments:\n  - {name: a, stage: cls, args: '${run:b}'}\n  - {name: b, stage: cls, args: '${run:a}'}\n",
+     "dependency cycle"),
+    ("experiments:\n  - {name: a, stage: cls, args: '${run:zz}'}\n", "unknown experiment 'zz'"),
+    ("experiments:\n  - {name: a, stage: cls, args: '--data ${imagenet}'}\n", "'needs' does not declare"),
+    ("experiments:\n  - {name: a, stage: train}\n", "stage 'train' is not one of"),
+])
+def test_bad_sweep_files_are_one_line_usage_errors(tmp_path, capsys, text, message):
+    path = _write_sweep(tmp_path, text)
+    with pytest.raises(SystemExit) as exit_:
+        launch_main(["--sweep", path, "--dry-run", "--root", str(tmp_path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and err.startswith("python slurm/launch_all.py: error:")
+
+
+def _spec(tmp_path, stage="pretrain", **kwargs):
+    return JobSpec(name="x", stage=stage, argv=("--preset", "tiny"), out=str(tmp_path / "x"), **kwargs)
+
+
+def test_checkpoint_requeues_the_job_with_the_stage_resume_flag(tmp_path):
+    job = StageJob(_spec(tmp_path))
+    assert job.spec.stage_argv() == ["--out", str(tmp_path / "x"), "--preset", "tiny"]
+    requeued = job.checkpoint()
+    assert isinstance(requeued.function, StageJob) and requeued.args == ()
+    assert requeued.function.spec.stage_argv()[:4] == ["--out", str(tmp_path / "x"), "--resume", "auto"]
+    det = StageJob(_spec(tmp_path, "det")).checkpoint().function
+    assert det.spec.stage_argv()[:3] == ["--out", str(tmp_path / "x"), "--resume"]
+    # a run folder with a checkpoint resumes even without the flag (a job SLURM itself requeued)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "checkpoint-last.pth").write_bytes(b"")
+    assert "--resume" in job.spec.stage_argv()
+
+
+def test_a_stop_by_the_preemption_signal_goes_back_to_submitit(tmp_path):
+    job = StageJob(_spec(tmp_path))
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    try:
+        stopped = job._stopped(Outcome("stopped", "stopped by SIGUSR2 at epoch 1", str(tmp_path), "SIGUSR2"))
+        assert received == [signal.SIGUSR2] and stopped["status"] == "stopped"
+        with pytest.raises(JobError, match="stopped by SIGTERM .* no afterok job starts"):
+            job._stopped(Outcome("stopped", "stopped by SIGTERM at epoch 1", str(tmp_path), "SIGTERM"))
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)  # outside submitit: no handler, so no requeue either
+        with pytest.raises(JobError):
+            job._stopped(Outcome("stopped", "stopped by SIGUSR2", str(tmp_path), "SIGUSR2"))
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+LOCAL_SWEEP = """
+    experiments:
+      - {name: demo, stage: command, module: pretrain.data, creates: ["${out}/d/demo.json"],
+         args: "make-demo ${out}/d --classes 1 --train-per-class 1 --val-per-class 1 --image-size 32"}
+      - {name: bad, stage: command, module: pretrain.data, args: "check ${root}/missing", creates: ["${out}/never"]}
+      - {name: child, stage: command, module: pretrain.data, args: "check ${run:bad}", creates: ["${out}/never"]}
+"""
+
+
+def test_local_launch_runs_once_and_a_second_launch_submits_nothing(tmp_path):
+    path = _write_sweep(tmp_path, LOCAL_SWEEP)
+    root, tables = tmp_path / "runs", tmp_path / "tables"
+    argv = [LAUNCHER, "--cluster", "local", "--sweep", path, "--root", str(root), "--tables", str(tables)]
+    first = run_tool(*argv)
+    assert first.returncode == 1, "a failed job makes the launch fail"
+    assert first.heavy == [], "the launcher submits without importing torch"
+    assert "failed bad:" in first.stdout and "blocked child: needs bad (failed)" in first.stdout
+    assert (root / "demo" / "d" / "demo.json").exists() and (tables / "table3.md").exists()
+    state = SweepState(str(root)).experiments
+    assert set(state) == {"demo", "bad"}
+    second = run_tool(*argv)
+    assert "skip demo: completed" in second.stdout and "--retry-failed resubmits" in second.stdout
+    assert "running" not in second.stdout and SweepState(str(root)).experiments == state
+    status = run_tool(LAUNCHER, "--status", "--root", str(root))
+    assert status.returncode == 0 and status.heavy == []
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line.strip()}
+    assert " completed " in rows["demo"] and " failed (" in rows["bad"] and "demo/logs/" in rows["demo"]
