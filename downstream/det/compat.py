@@ -16,7 +16,7 @@ import sys
 import types
 from pathlib import Path
 
-__all__ = ["apply", "detectron2_root", "has_compiled_ops"]
+__all__ = ["apply", "detectron2_root", "has_compiled_ops", "setup_local_process_group"]
 
 # numpy 1.24 removed these aliases of Python builtins (numpy 2 brought back ``np.bool``, as numpy's bool_).
 NUMPY_ALIASES = {"bool": bool, "int": int, "float": float, "object": object, "str": str}
@@ -81,3 +81,30 @@ def apply() -> list[str]:
         Image.LINEAR = Image.Resampling.BILINEAR
         applied.append("PIL.Image.LINEAR")
     return applied
+
+
+def setup_local_process_group(local_world_size: int | None = None) -> None:
+    """Detectron2's per-machine process group, for ranks that its ``launch()`` did not spawn (SLURM tasks, torchrun).
+
+    ``comm.get_local_rank()`` (used by Detectron2's data loaders and DDP set-up) needs it. Newer Detectron2 has
+    ``comm.create_local_process_group``; 0.6 only sets ``comm._LOCAL_PROCESS_GROUP`` inside ``launch()``, so this
+    sets it the same way: every rank creates every machine's group. ``local_world_size``: ranks per machine
+    (default: the visible GPUs, else all ranks). Call after the default process group is initialised.
+    """
+    import torch
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    world = dist.get_world_size()
+    local = local_world_size or min(torch.cuda.device_count() or world, world)
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(local)
+        return
+    if comm._LOCAL_PROCESS_GROUP is not None:
+        return
+    if world % local:
+        raise ValueError(f"{world} ranks do not split into machines of {local}")
+    for machine in range(world // local):
+        group = dist.new_group(list(range(machine * local, (machine + 1) * local)))
+        if machine == dist.get_rank() // local:
+            comm._LOCAL_PROCESS_GROUP = group  # what launch() of Detectron2 0.6 sets

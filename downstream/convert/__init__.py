@@ -1,0 +1,25 @@
+"""Converters of pretrained weights for the downstream stages (``python -m downstream.convert {timm,detectron2}``).
+
+- :mod:`.to_timm`: SparK checkpoints or ``encoder_timm.pth`` -> a checked timm state dict, and
+  :func:`load_timm_weights` to load one into a timm classifier with a report of the missing head;
+- :mod:`.to_detectron2`: timm ResNet weights -> Detectron2's pickle format.
+
+Names are imported on first use, so importing this package imports neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["ConvertError", "LoadReport", "convert_to_detectron2", "convert_to_timm", "load_timm_weights",
+           "read_timm_weights"]
+
+_HOMES = {"ConvertError": ".to_timm", "LoadReport": ".to_timm", "convert_to_timm": ".to_timm",
+          "load_timm_weights": ".to_timm", "read_timm_weights": ".to_timm", "convert_to_detectron2": ".to_detectron2"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

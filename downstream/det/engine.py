@@ -1,0 +1,227 @@
+"""Detectron2's trainer with the suite's parts: AdamW with layer decay, bf16 autocast, atomic checkpoints, stops.
+
+:class:`DetTrainer` is Detectron2's ``DefaultTrainer`` (its hooks, writers, lr schedule, data loaders, COCO
+evaluation) with these differences:
+
+- the optimiser of :mod:`.optim`; the model's training forward runs under the run's autocast (bf16 where the
+  hardware computes it natively, see :mod:`pretrain.runtime.precision`); evaluation stays fp32;
+- DDP with ``device_ids=None`` on CPU ranks (Detectron2 0.6 passes a GPU index), so gloo ranks train too;
+- checkpoints are written atomically to ``OUT/checkpoint-last.pth`` (the previous one kept as ``.prev``) every
+  ``SOLVER.CHECKPOINT_PERIOD`` iterations and at the end, plus ``OUT/model_final.pth`` (weights only);
+- every rank checks a :class:`~pretrain.runtime.signals.StopRequest` before each iteration (agreed over ranks);
+  a stop saves ``checkpoint-last.pth`` at the last finished iteration and ends the loop without evaluating;
+- metrics go to ``OUT/metrics.jsonl`` and ``OUT/tensorboard/``; evaluation runs through :mod:`.evaluation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import CfgNode
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
+from detectron2.modeling import build_model
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter, EventStorage, JSONWriter, TensorboardXWriter
+from fvcore.nn.precise_bn import get_bn_modules
+from torch import nn
+
+from pretrain.runtime.checkpoint import CHECKPOINT, find_checkpoint, load_torch, save_torch
+from pretrain.runtime.io import join
+from pretrain.runtime.signals import StopRequest
+
+from . import backbone as _backbone  # noqa: F401  (registers build_timm_fpn_backbone)
+from .evaluation import evaluate_coco
+from .optim import build_optimizer
+from .weights import WeightsReport, load_detection_weights, unwrap
+
+__all__ = ["FINAL_WEIGHTS", "AutocastForward", "DetTrainer", "RunCheckpointer"]
+
+logger = logging.getLogger(__name__)
+FINAL_WEIGHTS = "model_final.pth"
+LOG_PERIOD = 20  # iterations between metric lines (Detectron2's default)
+
+
+class AutocastForward(nn.Module):
+    """Runs the wrapped model's *training* forward under bf16 autocast; evaluation calls it in fp32."""
+
+    autocast_wrapper = True  # recognised by :func:`downstream.det.weights.unwrap`
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        device_type = next(self.module.parameters()).device.type
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.training):
+            return self.module(*args, **kwargs)
+
+
+class RunCheckpointer(DetectionCheckpointer):
+    """Detectron2's checkpointer writing atomically through iopath; resumes from ``checkpoint-last.pth``."""
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict(), **{k: obj.state_dict() for k, obj in self.checkpointables.items()},
+                **kwargs}
+        path = join(self.save_dir, f"{name}.pth")
+        save_torch(path, data, keep_previous=True)
+        self.tag_last_checkpoint(os.path.basename(path))
+        self.logger.info("saved %s", path)
+
+    def save_weights(self, name: str, iteration: int) -> None:
+        """``name`` with the model weights only (what evaluation needs)."""
+        if self.save_dir and self.save_to_disk:
+            save_torch(join(self.save_dir, name), {"model": self.model.state_dict(), "iteration": iteration})
+
+    def has_checkpoint(self) -> bool:
+        return find_checkpoint(self.save_dir) is not None
+
+    def get_checkpoint_file(self) -> str:
+        return find_checkpoint(self.save_dir) or ""
+
+    def _load_file(self, filename: str) -> dict[str, Any]:
+        if filename.endswith(".pkl"):
+            return super()._load_file(filename)
+        loaded = load_torch(filename, kind="Detectron2 checkpoint")  # the suite's own files (numpy RNG states...)
+        return loaded if isinstance(loaded, dict) and "model" in loaded else {"model": loaded}
+
+
+class SaveHook(hooks.HookBase):
+    """``checkpoint-last.pth`` every ``period`` iterations and after the last; ``model_final.pth`` at the end."""
+
+    def __init__(self, checkpointer: RunCheckpointer, period: int) -> None:
+        self.checkpointer, self.period = checkpointer, period
+
+    def after_step(self) -> None:
+        done = self.trainer.iter + 1
+        if done >= self.trainer.max_iter:
+            self.checkpointer.save(CHECKPOINT.removesuffix(".pth"), iteration=self.trainer.iter)
+            self.checkpointer.save_weights(FINAL_WEIGHTS, self.trainer.iter)
+        elif self.period > 0 and done % self.period == 0:
+            self.checkpointer.save(CHECKPOINT.removesuffix(".pth"), iteration=self.trainer.iter)
+
+
+class DetTrainer(DefaultTrainer):
+    """Detectron2's ``DefaultTrainer`` with the changes in the module docstring. ``cfg`` must be adapted to the run
+    (:func:`downstream.det.config.adapt_to_run`, precision resolved) and frozen."""
+
+    def __init__(self, cfg: CfgNode, stop: StopRequest | None = None) -> None:
+        TrainerBase.__init__(self)  # DefaultTrainer.__init__ is replaced: DDP, checkpointer and hooks differ
+        self.stop = stop or StopRequest()
+        self.cfg, self.start_iter, self.max_iter = cfg, 0, cfg.SOLVER.MAX_ITER
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, unwrap(model))
+        loader = self.build_train_loader(cfg)
+        device = torch.device(cfg.MODEL.DEVICE)
+        device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else None
+        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
+        self._trainer = SimpleTrainer(model, loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = RunCheckpointer(unwrap(model), cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        """Detectron2's model on ``MODEL.DEVICE``; channels-last and the bf16 training wrapper as resolved."""
+        model = build_model(cfg)
+        if cfg.SOLVER.PRECISION.CHANNELS_LAST == "on":
+            model = model.to(memory_format=torch.channels_last)
+        return AutocastForward(model) if cfg.SOLVER.PRECISION.AMP == "bf16" else model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def test(cls, cfg: CfgNode, model: nn.Module, evaluators: Any = None) -> dict[str, Any]:
+        """COCO results of every ``DATASETS.TEST`` entry (of the only one, unnested, if there is one)."""
+        results = {name: evaluate_coco(cfg, model, name, join(cfg.OUTPUT_DIR, f"inference/{name}"))
+                   for name in cfg.DATASETS.TEST}
+        return next(iter(results.values())) if len(results) == 1 else results
+
+    def build_hooks(self) -> list[hooks.HookBase]:
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # as Detectron2: precise BN reads a few batches in the main process
+        main = comm.is_main_process()
+
+        def evaluate() -> dict[str, Any]:
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        return [h for h in (
+            hooks.IterationTimer(),
+            hooks.LRScheduler(),
+            hooks.PreciseBN(cfg.TEST.EVAL_PERIOD, self.model, self.build_train_loader(cfg),
+                            cfg.TEST.PRECISE_BN.NUM_ITER) if cfg.TEST.PRECISE_BN.ENABLED and get_bn_modules(self.model)
+            else None,
+            SaveHook(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD) if main else None,
+            hooks.EvalHook(cfg.TEST.EVAL_PERIOD, evaluate),
+            hooks.PeriodicWriter(self.build_writers(), period=LOG_PERIOD) if main else None,
+        ) if h is not None]
+
+    def build_writers(self) -> list:
+        out = self.cfg.OUTPUT_DIR
+        return [CommonMetricPrinter(self.max_iter), JSONWriter(join(out, "metrics.jsonl")),
+                TensorboardXWriter(join(out, "tensorboard"))]
+
+    def resume_or_load(self, resume: bool = True, weights: str = "none") -> str:
+        """Continue from ``OUT/checkpoint-last.pth`` (``resume``) or start from ``weights``; returns what it did."""
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            self.checkpointer.load(path)
+            self.start_iter = self.iter + 1
+            return f"resumed from {path} at iteration {self.start_iter}"
+        if weights == "none":
+            return "no pretrained weights: training from scratch"
+        report: WeightsReport = load_detection_weights(self.model, weights)
+        return report.describe()
+
+    def _stop_agreed(self) -> bool:
+        if comm.get_world_size() == 1:
+            return self.stop.requested
+        flag = torch.tensor([float(self.stop.requested)], device=self.cfg.MODEL.DEVICE)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    def train(self) -> bool:
+        """Detectron2's loop from ``start_iter`` to ``max_iter`` with a stop check before each iteration.
+
+        Returns True when every iteration ran (and the final evaluation with it), False after a stop (the
+        checkpoint then holds the last finished iteration).
+        """
+        start, stopped = self.start_iter, False
+        logger.info("starting training at iteration %d of %d", start, self.max_iter)
+        self.iter = start
+        with EventStorage(start) as self.storage:
+            try:
+                self.before_train()
+                for iteration in range(start, self.max_iter):
+                    self.iter = iteration
+                    if self._stop_agreed():
+                        stopped = True
+                        self.iter -= 1  # the last finished iteration: no final evaluation in after_train
+                        break
+                    self.before_step()
+                    self.run_step()
+                    self.after_step()
+                else:
+                    self.iter = self.max_iter  # as Detectron2: iter == max_iter marks a finished run
+            finally:
+                self.after_train()
+        if stopped:
+            self.checkpointer.save(CHECKPOINT.removesuffix(".pth"), iteration=self.iter)
+        return not stopped
+
+    @property
+    def last_results(self) -> Mapping[str, Any]:
+        """Results of the last evaluation (empty if none ran)."""
+        return getattr(self, "_last_eval_results", None) or {}

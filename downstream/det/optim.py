@@ -1,0 +1,101 @@
+"""AdamW with layer-wise lr decay for Detectron2 models (tables 9 and 10).
+
+Layer ids over the backbone, one rule for Detectron2's ResNet and every timm backbone: the stem is 0, stage 1
+is 1, stage 2 is 2, block b of stage 3 is 3 + b // 3, stage 4 is the next id after stage 3's last, and
+everything outside the backbone (FPN, RPN, ROI heads) gets the last id L. A parameter of layer g trains at
+``BASE_LR * LAYER_DECAY ** (L - g)``. For ResNet-50 this is the published SparK grouping (stem 0, res2 1, res3 2,
+res4 3-4, res5 5, rest 6); for ConvNeXt-S/B (27 blocks in stage 3) it is ConvNeXt's 12-layer grouping (downsampling
+layers with their stage's first block, stage 4 at 12, rest 13). Parameters between two stages (EfficientNet's
+stride-preserving block groups) join the next stage. Biases and other 1-D parameters (norms) get no weight decay.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from detectron2.config import CfgNode
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from torch import nn
+
+from .backbone import stage_prefixes
+
+__all__ = ["build_optimizer", "layer_ids", "param_groups"]
+
+_BLOCK = re.compile(r"(?:blocks\.)?b?(\d+)\.")
+
+
+def _stage_of(relative: str, stages: tuple[str, ...]) -> tuple[int, int] | None:
+    """``(stage index, block index)`` if ``relative`` lies in one of the stage modules, else None."""
+    for index, stage in enumerate(stages):
+        if relative.startswith(stage + "."):
+            block = _BLOCK.match(relative[len(stage) + 1:])
+            return index, int(block.group(1)) if block else 0
+    return None
+
+
+def layer_ids(names: Iterable[str], prefix: str, stages: tuple[str, ...]) -> tuple[dict[str, int], int]:
+    """Layer id of each parameter name (module docstring) and the last id, for names in module order."""
+    placed: dict[str, tuple[int, int] | None] = {}  # name -> (stage, block); None: stem; absent: not backbone
+    current = -1
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        found = _stage_of(name[len(prefix):], stages)
+        if found is not None:
+            current = found[0]
+            placed[name] = found
+        else:  # before the first stage: the stem; between stages: feeds the next one
+            placed[name] = None if current < 0 else (min(current + 1, len(stages) - 1), 0)
+    third_blocks = 1 + max((s[1] for s in placed.values() if s and s[0] == 2), default=0)
+    top = 3 + math.ceil(third_blocks / 3)  # id of stage 4
+    ids = {}
+    for name in names:
+        if name not in placed:
+            ids[name] = top + 1
+        elif placed[name] is None:
+            ids[name] = 0
+        else:
+            stage, block = placed[name]
+            ids[name] = (1, 2, 3 + block // 3, top)[stage]
+    return ids, top + 1
+
+
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW parameter groups: one per (layer id, decayed or not), each with its ``lr`` and ``weight_decay``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    found = stage_prefixes(model)
+    if found is None:
+        raise ValueError(f"layer-wise lr decay needs a ResNet or timm backbone; {type(model).__name__} has neither")
+    ids, last = layer_ids([n for n, _ in named], *found)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in named:
+        decayed = param.ndim > 1 and not name.endswith(".bias")
+        scale = layer_decay ** (last - ids[name])
+        group = groups.setdefault((ids[name], decayed), {
+            "params": [], "lr": base_lr * scale, "weight_decay": weight_decay if decayed else 0.0,
+            "layer_id": ids[name], "lr_scale": scale})
+        group["params"].append(param)
+    return [groups[key] for key in sorted(groups)]
+
+
+def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` ADAMW: AdamW over :func:`param_groups`; SGD: Detectron2's default groups and SGD.
+
+    Gradient clipping follows ``SOLVER.CLIP_GRADIENTS`` (Detectron2's wrapper) in both cases.
+    """
+    solver = cfg.SOLVER
+    if solver.OPTIMIZER.upper() == "ADAMW":
+        groups = param_groups(model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.LAYER_DECAY)
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=solver.BASE_LR,
+                                                                   betas=tuple(solver.BETAS))
+    if solver.OPTIMIZER.upper() == "SGD":
+        groups = get_default_optimizer_params(model, base_lr=solver.BASE_LR, weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+                                              bias_lr_factor=solver.BIAS_LR_FACTOR,
+                                              weight_decay_bias=solver.WEIGHT_DECAY_BIAS)
+        return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(groups, lr=solver.BASE_LR, momentum=solver.MOMENTUM,
+                                                                 nesterov=solver.NESTEROV,
+                                                                 weight_decay=solver.WEIGHT_DECAY)
+    raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD; got {solver.OPTIMIZER!r}")

@@ -1,0 +1,185 @@
+"""End to end: tiny SparK pretraining -> Detectron2 Mask R-CNN fine-tuning (timm backbone) -> result.json with
+pycocotools numbers -> one-off evaluation; stop signals and --resume; one-line errors of train and evaluate."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from downstream.det.data import DetDemoSpec, coco_split_paths, make_det_demo
+from downstream.det.evaluate import main as evaluate_main
+from downstream.det.train import main as train_main
+from downstream.det.train import run as train_run
+from pretrain.__main__ import run as pretrain_run
+from pretrain.data import make_demo_dataset
+from pretrain.runtime.errors import UsageError
+from pretrain.runtime.result import read_result
+from pretrain.runtime.signals import StopRequest
+
+PIXELS = 64
+TINY = ["--config", "tiny", "INPUT.MIN_SIZE_TRAIN", f"({PIXELS},)", "INPUT.MAX_SIZE_TRAIN", str(PIXELS),
+        "INPUT.MIN_SIZE_TEST", str(PIXELS), "INPUT.MAX_SIZE_TEST", str(PIXELS), "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.STEPS", "(3,)", "SOLVER.WARMUP_ITERS", "1", "SOLVER.CHECKPOINT_PERIOD", "2"]
+METRICS = [f"{task}_{name}" for task in ("bbox", "segm") for name in ("AP", "AP50", "AP75", "APs", "APm", "APl")]
+
+
+@pytest.fixture(scope="module")
+def spark(tmp_path_factory) -> Path:
+    """A SparK pretraining run of 4 steps (resnet18, 64 px): its checkpoint-last.pth."""
+    root = tmp_path_factory.mktemp("spark")
+    data = make_demo_dataset(root / "images", num_classes=2, train_per_class=8, val_per_class=1, image_size=PIXELS)
+    outcome = pretrain_run(["--preset", "tiny", "--input-size", str(PIXELS), "--decoder-width", "64", "--batch-size",
+                            "4", "--global-batch", "4", "--epochs", "1", "--workers", "0", "--no-progress",
+                            "--data", str(data / "train"), "--out", str(root / "pretrain")])
+    assert outcome.status == "completed"
+    return root / "pretrain" / "checkpoint-last.pth"
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    return make_det_demo(tmp_path_factory.mktemp("coco") / "demo", DetDemoSpec(8, 4, PIXELS))
+
+
+def _train(spark: Path, coco: Path, out: Path, *extra: str, stop: StopRequest | None = None):
+    return train_run([*TINY, "--weights", str(spark), "--out", str(out), "--coco-root", str(coco), *extra], stop=stop)
+
+
+@pytest.fixture(scope="module")
+def finished(spark, coco, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("det") / "run"
+    assert _train(spark, coco, out, "SOLVER.MAX_ITER", "4").status == "completed"
+    return out
+
+
+def test_fine_tuning_from_a_spark_checkpoint_writes_pycocotools_results(finished, spark, coco):
+    result = read_result(finished)
+    assert result.stage == "det" and result.model == "resnet18" and result.inputs["weights"] == str(spark)
+    assert result.config["detectron2"]["SOLVER"]["MAX_ITER"] == 4 and result.config["precision"]["amp"] in (
+        "bf16", "none")
+    assert set(METRICS) <= result.metrics.keys()
+    assert all(v is None or 0.0 <= v <= 100.0 for v in (result.metrics[k] for k in METRICS))
+    for name in ("config.yaml", "config.json", "metrics.jsonl", "checkpoint-last.pth", "model_final.pth"):
+        assert (finished / name).is_file(), name
+    # The numbers are pycocotools' own: recompute them from the saved predictions.
+    ground_truth = COCO(str(coco_split_paths(coco, "val2017")[0]))
+    predictions = json.loads((finished / "inference/coco_2017_val/coco_instances_results.json").read_text())
+    assert predictions
+    for task in ("bbox", "segm"):
+        dropped = "bbox" if task == "segm" else ""  # as Detectron2 does before evaluating masks
+        results = [{k: v for k, v in p.items() if k != dropped} for p in predictions]
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(results), task)
+        evaluation.evaluate(), evaluation.accumulate(), evaluation.summarize()
+        assert result.metrics[f"{task}_AP"] == pytest.approx(100 * evaluation.stats[0], abs=1e-3)
+    iterations = [json.loads(line).get("iteration") for line in (finished / "metrics.jsonl").read_text().splitlines()]
+    assert 3 in iterations
+    final = torch.load(finished / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 3 and any(k.startswith("backbone.bottom_up.model.layer4") for k in final["model"])
+
+
+def test_one_off_evaluation_reproduces_the_run(finished, coco, tmp_path, capsys):
+    assert evaluate_main(["--weights", str(finished / "model_final.pth"), "--coco-root", str(coco),
+                          "--out", str(tmp_path)]) == 0
+    assert "bbox" in capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["metrics"] == {k: read_result(finished).metrics[k] for k in METRICS}
+    assert evaluation["config"] == str(finished / "config.yaml") and evaluation["images"] == 4
+
+
+class StopAfter(StopRequest):
+    """A stop request that turns on at the ``checks``-th poll (the trainer polls once per iteration)."""
+
+    def __init__(self, checks: int) -> None:
+        super().__init__()
+        self.left = checks
+
+    @property
+    def requested(self) -> bool:
+        self.left -= 1
+        if self.left < 0:
+            self.request("test")
+        return self.signal_name is not None
+
+
+def test_stop_saves_the_last_iteration_and_resume_continues(spark, coco, tmp_path):
+    out = tmp_path / "run"
+    outcome = _train(spark, coco, out, "SOLVER.MAX_ITER", "4", stop=StopAfter(2))
+    assert outcome.status == "stopped" and outcome.signal_name == "test" and not (out / "result.json").exists()
+    assert torch.load(out / "checkpoint-last.pth", weights_only=False)["trainer"]["iteration"] == 1
+    with pytest.raises(UsageError, match="already holds .*checkpoint-last.pth; pass --resume"):
+        _train(spark, coco, out, "SOLVER.MAX_ITER", "4")
+    assert _train(spark, coco, out, "SOLVER.MAX_ITER", "4", "--resume").status == "completed"
+    steps = [json.loads(line).get("iteration") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 4 and read_result(out).metrics["bbox_AP"] is not None
+
+
+def test_sigusr1_stops_a_run_cleanly_and_resume_finishes_it(coco, tmp_path):
+    out = tmp_path / "run"
+
+    def send_when_started() -> None:
+        deadline = time.monotonic() + 120
+        while not (out / "config.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=send_when_started, daemon=True).start()
+    outcome = train_run([*TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco),
+                         "SOLVER.MAX_ITER", "10000"])
+    assert outcome.status == "stopped" and outcome.signal_name == "SIGUSR1"
+    done = torch.load(out / "checkpoint-last.pth", weights_only=False)["trainer"]["iteration"]
+    outcome = train_run([*TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco), "--resume",
+                         "SOLVER.MAX_ITER", str(done + 2)])
+    assert outcome.status == "completed" and read_result(out).inputs["weights"] == "none"
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no-coco", "COCO folder not found"),
+    ("no-annotations", "annotation file not found"),
+    ("missing-images", "images listed in"),
+    ("weights-misfit", "does not fit the config's model"),
+    ("no-weights", "--weights file not found"),
+    ("no-config", "no config.yaml beside"),
+])
+def test_evaluation_errors_are_one_line(finished, coco, tmp_path, capsys, case, expected):
+    weights, root, extra = finished / "model_final.pth", coco, []
+    if case == "no-coco":
+        root = tmp_path / "absent"
+    elif case == "no-annotations":
+        extra = ["--split", "test2017"]
+    elif case == "missing-images":
+        root = tmp_path / "copy"
+        root.mkdir()
+        (root / "annotations").symlink_to(coco / "annotations")
+        (root / "val2017").mkdir()
+    elif case == "weights-misfit":
+        extra = ["MODEL.FPN.OUT_CHANNELS", "64"]
+    elif case == "no-weights":
+        weights = tmp_path / "absent.pth"
+    elif case == "no-config":
+        weights = tmp_path / "model_final.pth"
+        weights.write_bytes((finished / "model_final.pth").read_bytes())
+    argv = ["--weights", str(weights), "--coco-root", str(root), "--out", str(tmp_path / "eval"), *extra]
+    try:
+        code = evaluate_main(argv)
+    except SystemExit as exit_info:  # usage errors exit like argparse's
+        code = exit_info.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code in (1, 2) and len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "nope", "--weights", "none", "--out", "{out}"], "unknown config 'nope'"),
+    (["--config", "tiny", "--weights", "{out}/absent.pth", "--out", "{out}"], "--weights file not found"),
+    (["--config", "tiny", "--weights", "none", "--out", "{out}", "SOLVER.MAX_ITER"], "KEY VALUE pairs"),
+])
+def test_training_usage_errors_are_one_line(tmp_path, capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main([a.format(out=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and expected in err[0], err
