@@ -166,8 +166,9 @@ def render_markdown(specs: Sequence[TableSpec], runs: Mapping[str, RunResult], r
         cells = fill(spec, runs)
         notes = any(row.note for row in spec.rows)
         header = ["", *[c.label for c in spec.columns], "Run folders", *(["Notes"] if notes else [])]
-        lines = [f"## {spec.title}", "",
-                 "Each cell: this run (paper; this run - paper). " f"{DASH}: no finished run under `{root}`.", "",
+        legend = "Each cell: this run (paper; this run - paper)" if any(r.paper for r in spec.rows) else \
+            "Each cell: this run's number"
+        lines = [f"## {spec.title}", "", f"{legend}. {DASH}: no finished run under `{root}`.", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row, row_cells in zip(spec.rows, cells):
             folders = sorted({c.folder for c in row_cells if c.folder})
