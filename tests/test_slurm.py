@@ -3,6 +3,7 @@ the job's preemption protocol, and a local launch run twice (no torch in the lau
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -250,3 +251,19 @@ def test_local_launch_runs_once_and_a_second_launch_submits_nothing(tmp_path):
     assert status.returncode == 0 and status.heavy == []
     rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line.strip()}
     assert " completed " in rows["demo"] and " failed (" in rows["bad"] and "demo/logs/" in rows["demo"]
+
+
+def test_detection_flags_of_every_sweep_resolve_with_the_detection_stage(tmp_path, capsys):
+    train = pytest.importorskip("downstream.det.train", reason="the detection stage is not built yet")
+    iterations = {}
+    for sweep in (load_sweep("paper"), load_sweep("tiny")):
+        for exp in sweep.experiments.values():
+            if exp.stage != "det":
+                continue
+            argv = resolve_args(exp, exp.args, str(tmp_path), {"coco": str(tmp_path)})
+            argv[argv.index("--weights") + 1] = "none"  # the weights do not exist before the sweep runs
+            outcome = train.run(["--out", str(tmp_path / exp.name), *argv, "--print-config"])
+            assert outcome.status == "printed", exp.name
+            iterations[exp.name] = json.loads(capsys.readouterr().out)["detectron2"]["SOLVER"]["MAX_ITER"]
+    assert iterations["r50-spark-det-2x"] == 2 * iterations["r50-spark-det-1x"]
+    assert abs(iterations["cnxb-spark-det-3x"] - 3 * iterations["r50-spark-det-1x"]) <= 3  # 36 epochs, rounded
