@@ -267,3 +267,16 @@ def test_detection_flags_of_every_sweep_resolve_with_the_detection_stage(tmp_pat
             iterations[exp.name] = json.loads(capsys.readouterr().out)["detectron2"]["SOLVER"]["MAX_ITER"]
     assert iterations["r50-spark-det-2x"] == 2 * iterations["r50-spark-det-1x"]
     assert abs(iterations["cnxb-spark-det-3x"] - 3 * iterations["r50-spark-det-1x"]) <= 3  # 36 epochs, rounded
+
+
+def test_detection_jobs_on_several_nodes_get_detectron2_launch_flags(tmp_path, monkeypatch):
+    from slurm.jobs import _distributed_flags
+
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = _spec(tmp_path, "det", nodes=2, gpus_per_node=8, per_node=True)
+    assert _distributed_flags(spec) == ["--num-gpus", "8", "--num-machines", "2", "--machine-rank", "1",
+                                        "--dist-url", "tcp://gpu07:21234"]
+    assert _distributed_flags(_spec(tmp_path, "det", nodes=1, gpus_per_node=1, per_node=True)) == []
