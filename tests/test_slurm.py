@@ -59,22 +59,32 @@ def test_table_subsets_hold_each_experiment_once_with_its_dependencies():
             "cnxs-lossall-cls", "cnxs-ep800-cls"} <= set(table5)
 
 
-def test_pretraining_flags_of_every_sweep_parse_with_the_pretraining_parser(tmp_path):
-    from pretrain.__main__ import COMMAND
+EXPECTED = {  # stage -> experiment -> (config field, value) its flags must produce
+    "pretrain": {"cnxs-zero-pt": ("masking", "zero"), "cnxs-nohier-pt": ("hierarchy", False),
+                 "cnxs-ape-pt": ("ape", True), "cnxs-lossall-pt": ("loss_on", "all"), "cnxs-ep800-pt": ("epochs", 800),
+                 "cnxl384-spark-pt": ("input_size", 384), "r50-spark-pt": ("epochs", 1600)},
+    "cls": {"r50-spark-linear": ("protocol", "linear"), "cnxl384-spark-cls": ("input_size", 384),
+            "r50-scratch-cls": ("weights", "none"), "cnxs-spark-cls": ("epochs", 200)},
+}
 
-    expected = {"cnxs-zero-pt": ("masking", "zero"), "cnxs-nohier-pt": ("hierarchy", False),
-                "cnxs-ape-pt": ("ape", True), "cnxs-lossall-pt": ("loss_on", "all"), "cnxs-ep800-pt": ("epochs", 800),
-                "cnxl384-spark-pt": ("input_size", 384), "r50-spark-pt": ("epochs", 1600)}
+
+@pytest.mark.parametrize("stage", ["pretrain", "cls"])
+def test_stage_flags_of_every_sweep_resolve_with_the_stage_parser(tmp_path, stage):
+    module = {"pretrain": "pretrain.__main__", "cls": "downstream.cls.__main__"}[stage]
+    command = pytest.importorskip(module, reason=f"the {stage} stage is not built yet").COMMAND
+    checked = set()
     for sweep in (load_sweep("paper"), load_sweep("tiny")):
         for exp in sweep.experiments.values():
-            if exp.stage != "pretrain":
+            if exp.stage != stage:
                 continue
             argv = ["--out", str(tmp_path / exp.name), *resolve_args(exp, exp.args, str(tmp_path),
                                                                      {"imagenet": "/data/in1k"})]
-            cfg, _ = COMMAND.parse(argv)
-            if exp.name in expected:
-                field, value = expected[exp.name]
+            cfg, _ = command.parse(argv)
+            if exp.name in EXPECTED[stage]:
+                field, value = EXPECTED[stage][exp.name]
                 assert getattr(cfg, field) == value, exp.name
+                checked.add(exp.name)
+    assert checked == set(EXPECTED[stage])
 
 
 def _write_sweep(tmp_path, text: str) -> str:

@@ -20,17 +20,18 @@ from test_slurm_support import LAUNCHER, Tool, require_slurm, run_tool
 from slurm.stages import STAGE_ENTRIES
 
 # The tiny sweep shortened for CI: 64 demo images of 64 px, 6 epochs of 8 steps, no loader workers (an
-# interrupted run resumes bit-exactly only with --workers 0), one metrics line per step; 8 + 4 detection images,
-# 4 Mask R-CNN iterations. One CPU per job, so two jobs share the 2-core machine instead of waiting in turn.
+# interrupted run resumes bit-exactly only with --workers 0), one metrics line per step; one fine-tuning epoch;
+# 8 + 4 detection images, 4 Mask R-CNN iterations. One CPU per job, so two jobs share the 2-core machine instead
+# of waiting in turn.
 SHORT = ["--cpus-per-task", "1", "--resources", "command.cpus_per_task=1",
          "--extra-args", "tiny-images=--classes 2 --train-per-class 32 --val-per-class 2 --image-size 64",
          "--extra-args", "pretrain=--epochs 6 --input-size 64 --batch-size 8 --global-batch 8 --workers 0 "
                          "--no-progress --log-every 1",
+         "--extra-args", "cls=--epochs 1 --input-size 64 --batch-size 8 --global-batch 8 --workers 0 --no-progress",
          "--extra-args", "tiny-coco=--train-images 8 --val-images 4",
          "--extra-args", "det=SOLVER.MAX_ITER 4 SOLVER.STEPS (2,3) SOLVER.WARMUP_ITERS 1"]
-# The stages of the tiny sweep this test runs, once their modules exist (the fine-tuning stage joins when it
-# lands, with its shortening flags above, so that the sweep keeps within the test budget).
-STAGES = ("pretrain", "det")
+# The stages of the tiny sweep this test runs, each once its module exists.
+STAGES = ("pretrain", "cls", "det")
 STARTED = re.compile(r"submitit INFO \((.+?)\) - Starting with")
 FINISHED = re.compile(r"submitit INFO \((.+?)\) - Exiting after successful completion")
 
@@ -115,10 +116,11 @@ def test_tiny_sweep_runs_through_sbatch_with_afterok(tiny_sweep):
     assert result["stage"] == "pretrain" and len(result["metrics"]["epoch_losses"]) == 6
     tables = root / "tables"
     assert (tables / "pretrain_loss.png").stat().st_size > 10_000 and (tables / "table3.md").exists()
-    if "det" in _stages():
+    if _stages() == ",".join(STAGES):  # every job of the tiny sweep ran: the miniature of table 3 is complete
         rows = [line for line in (tables / "tiny.md").read_text().splitlines() if line.startswith("| SparK (tiny")]
-        assert len(rows) == 1 and "tiny-spark-det" in rows[0]
-        assert re.search(r"\| \d+\.\d \| \d+\.\d \|", rows[0]), "box and mask AP of the SparK run"
+        assert len(rows) == 1 and "tiny-spark-cls, tiny-spark-det" in rows[0]
+        assert re.search(r"^\| [^|]+ \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", rows[0]), "top-1, box and mask AP"
+        assert (tables / "finetune_top1.png").stat().st_size > 10_000
 
 
 def test_launching_again_submits_nothing(tiny_sweep):
