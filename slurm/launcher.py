@@ -204,12 +204,12 @@ def render_status(state: SweepState, rows: Sequence[Row], states: Sequence[JobSt
         counts[current.state] = counts.get(current.state, 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     last = ""
-    if state.tables_job:
+    if state.tables_job.get("job_id"):
         job = job_state(state.tables_job, _live(state))
         last = f"; last table job {state.tables_job['job_id']}: {job.state}" + (f" ({job.detail})" if job.detail
                                                                                  else "")
     where = (f"tables: {tables} (python -m results --root {state.root} --out {tables} regenerates them){last}"
-             if tables else f"tables: not written (--no-tables); python -m results --root {state.root} writes them")
+             if tables else f"tables: none recorded; python -m results --root {state.root} --out DIR writes them")
     return f"{text}\n\n{summary}\n{where}"
 
 
@@ -300,7 +300,8 @@ def submit_slurm(steps: Sequence[Step], state: SweepState, sweep: str, options: 
         spec = _tables_spec(state.root, tables)
         job = _executor("slurm", spec, resources.get(COMMAND), options,
                         ["afterany:" + ":".join(waiting)]).submit(StageJob(spec))
-        state.tables_job = {"job_id": str(job.job_id), "cluster": "slurm", "logs": os.path.join(spec.out, LOGS)}
+        state.tables_job = {"job_id": str(job.job_id), "cluster": "slurm", "logs": os.path.join(spec.out, LOGS),
+                            "tables": tables}
         state.save()
         print(f"submitted the result tables: job {job.job_id} (afterany: every job of this sweep) -> {tables}")
     return waiting
@@ -408,16 +409,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--retry-failed", action="store_true", help="resubmit experiments whose job failed")
     parser.add_argument("--wait", action="store_true", help="on SLURM, wait until the launched jobs end, then report")
     parser.add_argument("--poll-s", type=float, default=10.0, help="seconds between queue checks with --wait [10]")
-    parser.add_argument("--tables", default="results", help="folder of the result tables [results]")
+    parser.add_argument("--tables", help="folder of the result tables [results; --status: where the last launch "
+                                         "wrote them]")
     parser.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
     return parser
 
 
 def _launch(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.root)
-    tables = None if args.no_tables else os.path.abspath(args.tables)
     values = _values(args)
     state = SweepState(root)
+    tables = None if args.no_tables else os.path.abspath(args.tables or "results")
     shape = {field: getattr(args, field) for field in SHAPE_FLAGS}
     if args.status:
         sweep = load_sweep(args.sweep) if args.sweep else None
@@ -426,7 +428,8 @@ def _launch(args: argparse.Namespace) -> int:
         if not rows:
             print(f"nothing launched under {root} yet (no {state.path})")
             return 0
-        print(render_status(state, rows, collect_states(state, rows), tables))
+        shown = os.path.abspath(args.tables) if args.tables else state.tables_job.get("tables")
+        print(render_status(state, rows, collect_states(state, rows), shown))
         return 0
     sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
     sweep = replace(sweep, experiments=apply_extra_args(sweep.experiments, args.extra_args))
@@ -455,9 +458,11 @@ def _launch(args: argparse.Namespace) -> int:
             failures = run_serial(steps, state, sweep.name, cluster, options)
             if tables:
                 write_tables(root, tables)
+                state.tables_job = {"tables": tables}
+                state.save()
     if cluster == "slurm" and args.wait and waiting:
         print(f"waiting for {len(waiting)} job(s)...", flush=True)
-        wait_for([*waiting, *([state.tables_job["job_id"]] if state.tables_job else [])], args.poll_s)
+        wait_for([*waiting, *([state.tables_job["job_id"]] if state.tables_job.get("job_id") else [])], args.poll_s)
     if cluster != "slurm" or args.wait:
         state.reload()
         rows = _status_rows(state, replace(sweep, experiments={e.name: e for e in selected}), root, values, resources)

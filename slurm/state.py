@@ -80,7 +80,7 @@ class SweepState:
         self.root = root
         self.path = os.path.join(root, STATE_FILE)
         self.experiments: dict[str, dict[str, Any]] = {}
-        self.tables_job: dict[str, Any] = {}  # the last job that writes the result tables (SLURM)
+        self.tables_job: dict[str, Any] = {}  # where the last launch writes the tables (and the SLURM job doing it)
         self.reload()
 
     def reload(self) -> None:

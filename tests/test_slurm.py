@@ -259,7 +259,8 @@ def test_local_launch_runs_once_and_a_second_launch_submits_nothing(tmp_path):
     assert "running" not in second.stdout and SweepState(str(root)).experiments == state
     status = run_tool(LAUNCHER, "--status", "--root", str(root))
     assert status.returncode == 0 and status.heavy == []
-    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:] if line.strip()}
+    assert f"tables: {tables} (python -m results" in status.stdout, "--status points to the launch's tables"
+    rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:-2] if line.strip()}
     assert " completed " in rows["demo"] and " failed (" in rows["bad"] and "demo/logs/" in rows["demo"]
 
 
