@@ -4,6 +4,9 @@ pycocotools numbers -> one-off evaluation; stop signals and --resume; one-line e
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from pretrain.runtime.errors import UsageError
 from pretrain.runtime.result import read_result
 from pretrain.runtime.signals import StopRequest
 
+REPO = Path(__file__).resolve().parents[1]
 PIXELS = 64
 TINY = ["--config", "tiny", "INPUT.MIN_SIZE_TRAIN", f"({PIXELS},)", "INPUT.MAX_SIZE_TRAIN", str(PIXELS),
         "INPUT.MIN_SIZE_TEST", str(PIXELS), "INPUT.MAX_SIZE_TEST", str(PIXELS), "SOLVER.IMS_PER_BATCH", "2",
@@ -136,6 +140,24 @@ def test_sigusr1_stops_a_run_cleanly_and_resume_finishes_it(coco, tmp_path):
     outcome = train_run([*TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco), "--resume",
                          "SOLVER.MAX_ITER", str(done + 2)])
     assert outcome.status == "completed" and read_result(out).inputs["weights"] == "none"
+
+
+def test_two_cpu_ranks_from_torchrun_train_without_spawning(coco, tmp_path):
+    """Ranks from the environment (torchrun here; a SLURM step likewise): gloo, Detectron2's local group set up."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "downstream.det.train", *TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco),
+               "SOLVER.MAX_ITER", "2"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: 2 iterations") == 1  # the main rank reports
+    result = read_result(out)
+    assert result.config["world_size"] == 2 and result.metrics["bbox_AP"] is not None
+    assert result.config["detectron2"]["MODEL"]["DEVICE"] == "cpu"
 
 
 @pytest.mark.parametrize("case, expected", [

@@ -89,8 +89,10 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     solver = cfg.SOLVER
     if solver.OPTIMIZER.upper() == "ADAMW":
         groups = param_groups(model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.LAYER_DECAY)
+        # torch's fused AdamW kernel (CPU and CUDA): same update, 2-5x faster than the per-tensor loop on CPU
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=solver.BASE_LR,
-                                                                   betas=tuple(solver.BETAS))
+                                                                   betas=tuple(solver.BETAS), fused=fused)
     if solver.OPTIMIZER.upper() == "SGD":
         groups = get_default_optimizer_params(model, base_lr=solver.BASE_LR, weight_decay_norm=solver.WEIGHT_DECAY_NORM,
                                               bias_lr_factor=solver.BIAS_LR_FACTOR,

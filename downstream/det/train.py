@@ -45,7 +45,8 @@ class RunError(SuiteError):
 
 def build_parser() -> argparse.ArgumentParser:
     """The trainer's flags (importing this module imports neither torch nor detectron2)."""
-    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    parser = ArgumentParser(prog=PROG, description="Fine-tune Mask R-CNN on COCO from SparK weights (tables 9, 10) "
+                                                   "with Detectron2; evaluate box and mask AP with pycocotools.",
                             epilog="KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 1000 "
                                    "SOLVER.IMS_PER_BATCH 8")
     parser.add_argument("--config", required=True, metavar="C",
@@ -201,19 +202,25 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> Outcome:
     except FloatingPointError as error:
         raise RunError(f"{error}".splitlines()[0] + f"; the last checkpoint in {args.out} is kept") from error
     if not finished:
-        return Outcome("stopped", f"stopped by {stop.signal_name} after iteration {trainer.iter + 1} of "
-                                  f"{cfg.SOLVER.MAX_ITER}: checkpoint saved, rerun with --resume", args.out,
-                       stop.signal_name)
-    metrics = det_metrics(trainer.last_results)
-    if env.is_main:
+        outcome = Outcome("stopped", f"stopped by {stop.signal_name} after iteration {trainer.iter + 1} of "
+                                     f"{cfg.SOLVER.MAX_ITER}: checkpoint saved, rerun with --resume", args.out,
+                          stop.signal_name)
+    elif env.is_main:  # the evaluation's numbers live on the main rank
+        metrics = det_metrics(trainer.last_results)
         extra = {"iterations": cfg.SOLVER.MAX_ITER, "train_time_s": round(time.monotonic() - started, 1)}
         write_result(args.out, "det", cfg.MODEL.TIMM.NAME if "timm" in cfg.MODEL.BACKBONE.NAME
                      else f"resnet{cfg.MODEL.RESNETS.DEPTH}", {**metrics, **extra}, resolved,
                      inputs={"weights": str(args.weights), "data": {"coco_root": args.coco_root, "splits": counts}},
                      outputs={"weights": join(args.out, "model_final.pth"), "config": join(args.out, "config.yaml")})
         print(format_table(metrics))
-    return Outcome("completed", f"done: {cfg.SOLVER.MAX_ITER} iterations; box AP {metrics.get('bbox_AP')}, mask AP "
-                                f"{metrics.get('segm_AP')}; results in {join(args.out, RESULT)}", args.out)
+        message = (f"done: {cfg.SOLVER.MAX_ITER} iterations; box AP {metrics.get('bbox_AP')}, mask AP "
+                   f"{metrics.get('segm_AP')}; results in {join(args.out, RESULT)}")
+        outcome = Outcome("completed", message, args.out)
+    else:
+        outcome = Outcome("completed", f"done: {cfg.SOLVER.MAX_ITER} iterations", args.out)
+    if env.is_main:
+        print(outcome.message)
+    return outcome
 
 
 def _launched_worker(args: argparse.Namespace) -> None:
@@ -230,8 +237,14 @@ def _forward_to_children(signum: int, frame: object) -> None:
 
 def _launch(args: argparse.Namespace) -> Outcome:
     """Spawn ``--num-gpus`` workers on this machine (Detectron2's ``launch``); stop signals are forwarded."""
+    import torch
     from detectron2.engine import launch
 
+    if torch.cuda.device_count() < args.num_gpus:
+        raise UsageError(f"--num-gpus {args.num_gpus}: {torch.cuda.device_count()} GPUs visible (Detectron2's launch "
+                         "spawns one process per GPU; CPU ranks come from torchrun or a SLURM step instead)")
+    if args.num_machines > 1 and args.dist_url == "auto":
+        raise UsageError("--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0")
     signals = parse_signals(args.stop_signals)
     previous = {sig: signal.signal(sig, _forward_to_children) for sig in signals}
     try:
@@ -272,11 +285,9 @@ def run(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> O
         from pretrain.runtime.distributed import shutdown_distributed
 
         try:
-            outcome = _train(args, stop)
+            return _train(args, stop)
         finally:
             shutdown_distributed()
-    print(outcome.message)
-    return outcome
 
 
 def main(argv: Sequence[str] | None = None) -> int:
