@@ -99,8 +99,9 @@ ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-# Quick turnover: SIGKILL 5 s after SIGTERM, finished jobs purged after 5 minutes, scheduler every few seconds.
-KillWait=5
+# Quick turnover: SIGKILL 10 s after SIGTERM (time for a stage to finish its step and save), finished jobs
+# purged after 5 minutes, scheduler every few seconds.
+KillWait=10
 MinJobAge=300
 SchedulerParameters=sched_interval=2,bf_interval=5
 SlurmctldTimeout=30
