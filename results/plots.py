@@ -37,12 +37,15 @@ def _plot(curves: Mapping[str, Curve], path: str, title: str, ylabel: str, log_y
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     for label in sorted(curves):
         x, y = curves[label]
         axes.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, linewidth=1.2, label=label)
     axes.set(title=title, xlabel="epoch", ylabel=ylabel)
+    axes.set_xlim(left=0, right=max(max(x) for x, _ in curves.values()) * 1.02)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log_y:
         axes.set_yscale("log")
     axes.grid(True, alpha=0.3)
