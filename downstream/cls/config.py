@@ -1,0 +1,168 @@
+"""The fine-tuning configuration: :class:`ClsConfig`, filled from a recipe (YAML data) and overrides.
+
+Recipes live in ``downstream/cls/recipes/<name>.yaml`` (see their comments for every value's source):
+``table7`` / ``table8`` (the paper's appendix C), ``table7-code`` / ``table8-code`` / ``table8-code-384`` (what the
+published SparK code ran), ``linear`` (linear probing, table 6) and ``tiny`` (the embedded demo). Resolution goes
+through :class:`pretrain.runtime.config.ConfigSchema` (recipe, its ``base`` chain, matching ``per_model`` entries,
+overrides), then the derived values: the peak learning rate (linear in the global batch, relative to
+``lr_base_size``) and the gradient-accumulation steps. Imports neither torch nor timm.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pretrain.runtime.config import ConfigError, ConfigSchema, PresetStore, RunConfig, setting
+
+__all__ = [
+    "BUNDLED_RECIPES",
+    "SCHEMA",
+    "ClsConfig",
+    "ConfigError",
+    "default_recipe",
+    "resolve_config",
+]
+
+PROTOCOLS = ("finetune", "linear")
+OPTIMIZERS = ("lamb", "adamw", "sgd", "momentum")  # timm names: sgd is Nesterov, momentum plain
+LAYER_DECAY_GROUPS = ("timm", "published")
+INTERPOLATIONS = ("bicubic", "bilinear")
+CROP_MODES = ("center", "squash", "border")
+# Recipes whose values the --help of every flag shows (launchers build argv with ``SCHEMA.to_argv(overrides)``).
+BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "linear", "tiny")
+# Which recipe a run gets without --recipe: the first whose model glob matches (linear probing: "linear").
+DEFAULT_RECIPES = (("convnext*", "table8"), ("*", "table7"))
+
+
+@dataclass(kw_only=True)
+class ClsConfig(RunConfig):
+    """Everything an ImageNet fine-tuning or linear-probing run depends on (values without default: the recipe)."""
+
+    # --- what runs
+    model: str = setting("timm model name of the classifier")
+    protocol: str = setting("finetune (all weights train) or linear (frozen backbone in eval mode, linear head)",
+                            choices=PROTOCOLS)
+    weights: str = setting("pretrained weights (python -m downstream.convert timm output, encoder_timm.pth, a "
+                           "pretraining checkpoint; with --eval-only also a fine-tuning checkpoint), or 'none' for "
+                           "random initialisation", "")
+    data: str = setting("data root holding train/ and val/ in ImageNet layout (class sub-folders)", "")
+    eval_only: bool = setting("only evaluate --weights on val/ and write result.json", False)
+    # --- images
+    input_size: int = setting("training and test resolution in pixels")
+    crop_pct: float = setting("test crop: resize to input_size / crop_pct, then crop input_size (timm crop_pct)")
+    crop_mode: str = setting("test crop mode (timm): center, squash (resize to a square, no crop), border",
+                             choices=CROP_MODES)
+    interpolation: str = setting("resize interpolation (train and test)", choices=INTERPOLATIONS)
+    scale: list[float] = setting("RandomResizedCrop area range, two numbers", nargs=2, metavar=("LOW", "HIGH"))
+    hflip: float = setting("horizontal flip probability")
+    color_jitter: float = setting("colour jitter strength (timm turns it off when --aa is set)")
+    aa: str | None = setting("automatic augmentation: a timm string (rand-m9-mstd0.5-inc1, v0, augmix-...), "
+                             "trivialaugment-wide (torchvision's, as the published code), or none")
+    reprob: float = setting("random erasing probability")
+    remode: str = setting("random erasing mode (timm): pixel, rand or const", choices=("pixel", "rand", "const"))
+    aug_repeats: int = setting("repeated augmentation: copies of each image per epoch (timm RepeatAugSampler; "
+                               "0: off)")
+    # --- mixing and loss
+    mixup: float = setting("mixup alpha (0: off)")
+    cutmix: float = setting("cutmix alpha (0: off)")
+    mixup_prob: float = setting("probability of mixing a batch")
+    mixup_switch_prob: float = setting("probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = setting("mix per batch, pair or elem", choices=("batch", "pair", "elem"))
+    smoothing: float = setting("label smoothing (inside the mixed targets when mixing is on)")
+    bce_loss: bool = setting("binary cross-entropy (timm BinaryCrossEntropy) instead of soft-target cross-entropy")
+    bce_target_thresh: float | None = setting("binarise BCE targets above this value (none: keep them soft)")
+    # --- model
+    drop: float = setting("dropout rate before the classifier")
+    drop_path: float = setting("stochastic depth rate")
+    sync_bn: bool = setting("synchronise BatchNorm statistics over ranks (multi-rank runs)")
+    # --- optimisation
+    opt: str = setting("optimiser (timm create_optimizer_v2)", choices=OPTIMIZERS)
+    lr_base: float = setting("peak lr at a global batch of lr_base_size; scaled linearly with the global batch")
+    lr_base_size: int = setting("global batch at which lr_base holds")
+    lr: float | None = setting("absolute peak lr (overrides the lr_base scaling)")
+    weight_decay: float = setting("weight decay (not applied to biases and norm parameters)")
+    momentum: float = setting("SGD momentum")
+    opt_eps: float | None = setting("optimiser epsilon (none: timm's default)")
+    lamb_bias_correction: bool = setting("LAMB: bias-corrected moments")
+    lamb_always_adapt: bool = setting("LAMB: apply the trust ratio to parameters without weight decay too")
+    layer_decay: float | None = setting("layer-wise lr decay factor (none: off)")
+    layer_decay_groups: str = setting("layer grouping of the decay: timm (its per-block group_matcher) or published "
+                                      "(SparK code: 8 groups for ResNet-50, 12 + head for ConvNeXt)",
+                                      choices=LAYER_DECAY_GROUPS)
+    clip_grad: float = setting("clip the global gradient norm to this value (0: no clipping)")
+    epochs: int = setting("training epochs")
+    warmup_epochs: float = setting("linear lr warm-up epochs")
+    warmup_lr_ratio: float = setting("warm-up starts at this fraction of the peak lr")
+    min_lr_ratio: float = setting("the cosine ends at this fraction of the peak lr")
+    global_batch: int = setting("images per optimiser step over all ranks (with gradient accumulation)")
+    batch_size: int = setting("images per rank per forward pass")
+    eval_batch_size: int = setting("images per rank per evaluation pass (0: twice batch_size)", 0)
+    ema_decays: list[float] = setting("decays of the weight EMAs tracked and evaluated (timm ModelEmaV3; 0: none)",
+                                      nargs="+")
+    eval_every: int = setting("evaluate every N epochs (and always after the last)", 1)
+    # --- derived at resolution (not settable)
+    peak_lr: float = setting("peak learning rate actually used", 0.0, derived=True)
+    grad_accum_steps: int = setting("forward passes per optimiser step on each rank", 1, derived=True)
+    num_classes: int = setting("classes found in the data (set when the run starts)", 0, derived=True)
+
+
+SCHEMA: ConfigSchema[ClsConfig] = ConfigSchema(ClsConfig, PresetStore("downstream.cls.recipes", "recipe"))
+
+
+def default_recipe(model: str | None, protocol: str | None) -> str:
+    """The recipe of a run given without ``--recipe``: ``linear`` for linear probing, else by model family."""
+    if protocol == "linear":
+        return "linear"
+    return next(recipe for glob, recipe in DEFAULT_RECIPES if fnmatch.fnmatchcase(model or "", glob))
+
+
+def _validate(cfg: ClsConfig) -> None:
+    checks = [
+        (cfg.batch_size > 0 and cfg.global_batch > 0, "batch_size and global_batch must be positive"),
+        (cfg.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {cfg.eval_batch_size}"),
+        (cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}"),
+        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
+        (cfg.input_size >= 32, f"input_size must be at least 32, got {cfg.input_size}"),
+        (0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1], got {cfg.crop_pct}"),
+        (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1] <= 1,
+         f"scale must be two numbers 0 < low <= high <= 1, got {cfg.scale}"),
+        (all(0 <= d < 1 for d in cfg.ema_decays), f"ema_decays must lie in [0, 1) (0: none), got {cfg.ema_decays}"),
+        (cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
+        (cfg.aug_repeats >= 0 and cfg.eval_every > 0, "aug_repeats must be >= 0 and eval_every positive"),
+        (cfg.lr_base > 0 and cfg.lr_base_size > 0, "lr_base and lr_base_size must be positive"),
+        (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
+        (cfg.clip_grad >= 0 and cfg.workers >= 0, "clip_grad and workers must be >= 0"),
+        (cfg.log_every > 0 and cfg.save_every >= 0 and cfg.snapshot_every >= 0,
+         "log_every must be positive, save_every and snapshot_every >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def resolve_config(recipe: str | None = None, overrides: Mapping[str, Any] | None = None,
+                   world_size: int = 1) -> ClsConfig:
+    """The complete configuration of a run on ``world_size`` ranks.
+
+    ``recipe`` None picks :func:`default_recipe` from the overrides' model and protocol. Raises
+    :class:`ConfigError` (one line) for an unknown recipe (listing the known ones), unknown keys, bad values, or a
+    global batch that ``batch_size x world_size`` does not divide.
+    """
+    overrides = dict(overrides or {})
+    recipe = recipe or default_recipe(overrides.get("model"), overrides.get("protocol"))
+    cfg = SCHEMA.resolve(recipe, overrides)
+    cfg.ema_decays = [d for d in cfg.ema_decays if d > 0]
+    _validate(cfg)
+    per_step = cfg.batch_size * world_size
+    if cfg.global_batch % per_step:
+        raise ConfigError(f"global_batch {cfg.global_batch} is not a multiple of batch_size x world_size = "
+                          f"{cfg.batch_size} x {world_size}; change --batch-size or --global-batch")
+    cfg.world_size, cfg.grad_accum_steps = world_size, cfg.global_batch // per_step
+    cfg.peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_base * cfg.global_batch / cfg.lr_base_size
+    if not math.isfinite(cfg.peak_lr):
+        raise ConfigError(f"peak lr is not finite: {cfg.peak_lr}")
+    return cfg
