@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup test test-all lint demo clean
+.PHONY: setup test test-all lint demo cluster-up cluster-down clean
 
 setup: $(STAMP)
 
@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m downstream.det.install
 	touch $(STAMP)
 
 test: setup
@@ -26,13 +27,21 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# Embedded demo set -> tiny SparK pretraining -> figure-4 reconstructions (a few minutes on 2 CPU cores).
-# Re-running continues or reuses the finished run (--resume auto); delete $(DEMO_DIR) to start over.
+# The embedded demo, end to end: the `tiny` sweep (slurm/sweeps/tiny.yaml: generated images and COCO-style set,
+# tiny SparK pretraining, fine-tuning and Mask R-CNN from SparK weights and from scratch) through SLURM when
+# sbatch works, else one job after another here; then the miniature table 3 and curves in $(DEMO_DIR)/tables
+# and the figure-4 reconstructions. Re-running skips what finished; delete $(DEMO_DIR) to start over.
 demo: setup
-	test -f $(DEMO_DIR)/data/demo.json || $(PY) -m pretrain.data make-demo $(DEMO_DIR)/data
-	$(PY) -m pretrain --preset tiny --data $(DEMO_DIR)/data/train --out $(DEMO_DIR)/pretrain --resume auto
-	$(PY) -m pretrain.visualize --ckpt $(DEMO_DIR)/pretrain/checkpoint-last.pth --images $(DEMO_DIR)/data/val \
-		--out $(DEMO_DIR)/recon.png
+	$(PY) slurm/launch_all.py --stage pretrain,cls,det --sweep tiny --root $(DEMO_DIR) --tables $(DEMO_DIR)/tables --wait
+	$(PY) -m pretrain.visualize --ckpt $(DEMO_DIR)/tiny-pretrain/checkpoint-last.pth \
+		--images $(DEMO_DIR)/tiny-images/images/val --out $(DEMO_DIR)/recon.png
+
+# The one-node SLURM cluster of the tests and of `make demo` on SLURM (needs root and apt-get).
+cluster-up:
+	slurm/local_cluster.sh up
+
+cluster-down:
+	slurm/local_cluster.sh down
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

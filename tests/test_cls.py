@@ -214,6 +214,7 @@ BAD_INPUT = {
     "other-classes": "only in val/: zebra",
     "other-arch": "holds resnet18 weights; the model is resnet34",
     "no-weights": "--weights is required",
+    "eval-without-head": "--eval-only needs a trained classifier",
 }
 
 
@@ -227,7 +228,8 @@ def test_bad_input_is_one_line_before_training(capsys, tmp_path, data, weights, 
     if problem == "other-classes":
         next((root / "val").iterdir()).rename(root / "val" / "zebra")
     argv = _finetune_argv(root, "" if problem == "no-weights" else weights, tmp_path / "out",
-                          "--model", "resnet34" if problem == "other-arch" else "resnet18")
+                          "--model", "resnet34" if problem == "other-arch" else "resnet18",
+                          *(["--eval-only"] if problem == "eval-without-head" else []))
     if problem == "no-weights":  # a usage error
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
@@ -361,7 +363,7 @@ def _assert_resumed_like(out: Path, reference: Path) -> None:
     assert (got["curve"], got["epoch_losses"]) == (expected["curve"], expected["epoch_losses"])
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", pytest.param("SIGTERM", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
 def test_interrupted_run_resumes_exactly(reference, data, weights, tmp_path, how):
     out = tmp_path / "run"
     argv = _finetune_argv(data, weights, out, "--save-every", "2")
@@ -379,7 +381,6 @@ def test_interrupted_run_resumes_exactly(reference, data, weights, tmp_path, how
     _assert_resumed_like(out, reference)
 
 
-@pytest.mark.slow
 def test_two_ranks_with_torchrun_share_the_work(data, weights, tmp_path):
     """Two gloo ranks on the CPU: repeated augmentation, rank-synced BatchNorm, each val image evaluated once."""
     out = tmp_path / "ddp"

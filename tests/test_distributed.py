@@ -15,6 +15,7 @@ from pretrain.config import resolve_config
 from pretrain.data import make_demo_dataset
 from pretrain.optim import build_optimizer
 from pretrain.runtime.distributed import (
+    TORCH_LAUNCH_VARIABLES,
     DistEnv,
     freeze_unused_parameters,
     init_distributed,
@@ -155,15 +156,17 @@ def test_sync_batchnorm_keeps_keys_weights_and_single_rank_outputs():
 
 
 def test_slurm_step_environment(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+    for key in (*TORCH_LAUNCH_VARIABLES, "SUBMITIT_EXECUTOR"):
         monkeypatch.setenv(key, "")  # recorded, so the values exported below are removed after the test
         monkeypatch.delenv(key)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")  # left by another launch in the submitting shell: replaced
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NUM_NODES": "2",
              "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
     for key, value in slurm.items():
         monkeypatch.setenv(key, value)
     assert world_size_from_environment() == 8
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["MASTER_ADDR"]) == ("5", "1", "gpu07")
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4"
     assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000
 
 

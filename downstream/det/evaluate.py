@@ -86,6 +86,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cfg.freeze()
     model = DetTrainer.build_model(cfg)
     report = load_detection_weights(model, args.weights, evaluation=True)
+    logger.info("%s", report.describe())
     metrics = det_metrics(evaluate_coco(cfg, model, name, out))
     document = {"weights": str(args.weights), "config": config, "coco_root": str(args.coco_root), "split": args.split,
                 "images": counts["images"], "loaded": report.describe(), "metrics": metrics}

@@ -16,7 +16,6 @@ expected and reported.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +31,6 @@ from .backbone import TimmBackbone
 
 __all__ = ["BACKBONE_PREFIX", "WeightsReport", "load_detection_weights", "unwrap"]
 
-logger = logging.getLogger(__name__)
 BACKBONE_PREFIX = "backbone.bottom_up."
 MODEL_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.")
 
@@ -115,7 +113,5 @@ def load_detection_weights(model: nn.Module, path: str, evaluation: bool = False
                 if keys]
     if problems:
         raise ConvertError(f"{path} ({kind}) does not fit the config's model: " + "; ".join(problems))
-    report = WeightsReport(path, kind, count - len(incompatible.incorrect_shapes),
-                           tuple(incompatible.missing_keys), tuple(shapes))
-    logger.info("%s", report.describe())
-    return report
+    return WeightsReport(path, kind, count - len(incompatible.incorrect_shapes), tuple(incompatible.missing_keys),
+                         tuple(shapes))

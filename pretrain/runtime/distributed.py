@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = [
+    "TORCH_LAUNCH_VARIABLES",
     "DistEnv",
     "all_gather_objects",
     "all_reduce_sum",
@@ -52,13 +53,22 @@ class DistEnv:
         return self.world_size > 1
 
 
+TORCH_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _in_slurm_step() -> bool:
     """True inside an ``srun`` step or a submitit SLURM job (not in the batch script of ``sbatch`` itself)."""
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm" or "SLURM_STEP_ID" in os.environ
 
 
 def _export_slurm_variables() -> None:
-    """Export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` from the SLURM step via submitit."""
+    """Export ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_*`` from the SLURM step via submitit.
+
+    Called only when ``RANK`` is unset, so any other of these variables was inherited from the shell that
+    submitted the job (sbatch exports its environment) and describes another launch: it is replaced.
+    """
+    for key in TORCH_LAUNCH_VARIABLES:
+        os.environ.pop(key, None)
     if "SUBMITIT_EXECUTOR" not in os.environ:
         os.environ["SUBMITIT_EXECUTOR"] = "slurm"  # a plain srun step: let submitit read the SLURM_* variables
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -14,6 +14,6 @@ B="$PY -m pretrain.bench --input-size 224 --batch-size 64 --device cuda --steps 
 models=${MODELS:-convnext_small}; [ "$models" = none ] && models=
 for model in resnet50 $models; do
   timeout 100 $B --model $model --modes sparse,zero --amp bf16 --channels-last --save "$OUT/$model-bf16cl.json"
-  timeout 100 $B --model $model --modes sparse,zero --save "$OUT/$model-fp32.json"
+  timeout 100 $B --model $model --modes sparse,zero --amp none --channels-last off --save "$OUT/$model-fp32.json"
 done
 echo done
