@@ -96,10 +96,10 @@ def _model_densify_norm(cfg: PretrainConfig) -> tuple[str, int]:
     try:
         with torch.device("meta"):
             spark = build_spark_from_config(cfg.to_dict())
+    except (ValueError, NotImplementedError) as error:  # a refused layer (NotImplementedError is a RuntimeError)
+        raise ConfigError(f"model {cfg.model!r}: {error}") from error
     except RuntimeError as error:  # timm: "Unknown model (...)"
         raise ConfigError(f"cannot build model {cfg.model!r}: {error}") from error
-    except (ValueError, NotImplementedError) as error:
-        raise ConfigError(f"model {cfg.model!r}: {error}") from error
     return spark.densify_norm, spark.patch_size
 
 

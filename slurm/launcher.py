@@ -26,7 +26,16 @@ from pretrain.runtime.errors import SuiteError, UsageError
 
 from .resources import Resources, ResourceTable, load_resources
 from .stages import JobSpec
-from .state import JobState, SweepState, done_on_disk, experiment_state, headline, job_state, scheduler_states
+from .state import (
+    NOT_SUBMITTED,
+    JobState,
+    SweepState,
+    done_on_disk,
+    experiment_state,
+    headline,
+    job_state,
+    scheduler_states,
+)
 from .sweep import (
     COMMAND,
     STAGES,
@@ -130,7 +139,8 @@ def make_plan(sweep: Sweep, selected: Sequence[Experiment], root: str, values: M
                 hint = f"; launch its stage ({sweep.experiments[parent].stage})" if not parent_state.failed else ""
                 blockers.append(f"{parent} ({parent_state.state}{hint})")
             else:
-                blockers.append(f"{parent} ({parent_state.state}, not submitted)")
+                detail = "" if parent_state.state == NOT_SUBMITTED else ", not submitted"
+                blockers.append(f"{parent} ({parent_state.state}{detail})")
         if blockers:
             steps[exp.name] = Step(exp, spec, res, current, "blocked", "needs " + ", ".join(blockers))
         else:

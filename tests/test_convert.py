@@ -55,7 +55,7 @@ def test_timm_conversion_loads_with_only_the_classifier_missing(encoders, tmp_pa
     assert all(torch.equal(classifier.state_dict()[k], v) for k, v in source.items())
 
 
-def test_timm_conversion_of_a_pretraining_checkpoint_and_a_classifier_state_dict(tmp_path):
+def test_timm_conversion_of_a_pretraining_checkpoint_and_a_classifier_state_dict(tmp_path, capsys):
     from pretrain.checkpoint import ENCODER_PREFIX
 
     encoder = timm.create_model("resnet18", num_classes=0).state_dict()
@@ -68,6 +68,8 @@ def test_timm_conversion_of_a_pretraining_checkpoint_and_a_classifier_state_dict
     assert main(["timm", str(tmp_path / "plain.pth"), str(tmp_path / "out.pth"), "--model", "resnet18"]) == 0
     saved = torch.load(tmp_path / "out.pth", weights_only=True)
     assert saved["meta"]["dropped_classifier_keys"] == ["fc.bias", "fc.weight"]
+    assert main(["detectron2", str(tmp_path / "plain.pth"), str(tmp_path / "out.pkl"), "--model", "resnet18"]) == 0
+    assert "left out the classifier (fc.weight, fc.bias)" in capsys.readouterr().out
 
 
 def test_load_into_a_timm_classifier_refuses_another_architecture(encoders):

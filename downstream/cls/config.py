@@ -33,7 +33,7 @@ LAYER_DECAY_GROUPS = ("timm", "published")
 INTERPOLATIONS = ("bicubic", "bilinear")
 CROP_MODES = ("center", "squash", "border")
 # Recipes whose values the --help of every flag shows (launchers build argv with ``SCHEMA.to_argv(overrides)``).
-BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "linear", "tiny")
+BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "table8-code-384", "linear", "tiny")
 # Which recipe a run gets without --recipe: the first whose model glob matches (linear probing: "linear").
 DEFAULT_RECIPES = (("convnext*", "table8"), ("*", "table7"))
 

@@ -26,9 +26,10 @@ def _timm(args: argparse.Namespace) -> None:
 def _detectron2(args: argparse.Namespace) -> None:
     from .to_detectron2 import convert_to_detectron2, resnet_depth
 
-    payload = convert_to_detectron2(args.src, args.dst, args.model)
+    payload, dropped = convert_to_detectron2(args.src, args.dst, args.model)
     print(f"wrote {args.dst}: {len(payload['model'])} tensors of a ResNet-{resnet_depth(payload['model'])} "
-          "in Detectron2's names (use it with RESNETS.STRIDE_IN_1X1 False)")
+          "in Detectron2's names (use it with RESNETS.STRIDE_IN_1X1 False)"
+          + (f"; left out the classifier ({', '.join(dropped)})" if dropped else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -78,8 +78,11 @@ def resnet_depth(renamed: Mapping[str, Any]) -> int | None:
     return DEPTHS.get((*blocks, bottleneck))
 
 
-def convert_to_detectron2(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None) -> dict:
-    """Write ``dst`` (a ``.pkl`` in Detectron2's format) from timm ResNet weights in ``src``; returns the payload.
+def convert_to_detectron2(src: str | os.PathLike, dst: str | os.PathLike,
+                          model_name: str | None = None) -> tuple[dict, list[str]]:
+    """Write ``dst`` (a ``.pkl`` in Detectron2's format) from timm ResNet weights in ``src``.
+
+    Returns the payload written and the classifier keys left out (``fc.*`` of a classification checkpoint).
 
     ``src``: anything :func:`~downstream.convert.to_timm.read_timm_weights` reads. ``model_name``, if given,
     must match the architecture the source records.
@@ -89,11 +92,11 @@ def convert_to_detectron2(src: str | os.PathLike, dst: str | os.PathLike, model_
     weights = read_timm_weights(src, model_name)
     if model_name and weights.model_name and weights.model_name != model_name:
         raise ConvertError(f"{src} holds {weights.model_name} weights, expected {model_name}")
-    renamed, _ = rename_resnet(weights.state_dict, str(src))
+    renamed, dropped = rename_resnet(weights.state_dict, str(src))
     if resnet_depth(renamed) is None:
         raise ConvertError(f"{src}: {weights.model_name or 'the weights'} is not a standard ResNet-18/34/50/101/152 "
                            f"({len(renamed)} tensors)")
     payload = {"model": {k: v.detach().cpu().numpy() for k, v in renamed.items()}, "__author__": AUTHOR,
                "matching_heuristics": True}
     atomic_write(str(dst), lambda handle: pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL))
-    return payload
+    return payload, dropped

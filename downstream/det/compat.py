@@ -14,6 +14,7 @@ import importlib.util
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 __all__ = ["apply", "detectron2_root", "has_compiled_ops", "setup_local_process_group"]
@@ -80,6 +81,12 @@ def apply() -> list[str]:
         # argument in data/transforms/transform.py (ExtentTransform), so importing detectron2.data fails without it.
         Image.LINEAR = Image.Resampling.BILINEAR
         applied.append("PIL.Image.LINEAR")
+    if re.search(r"@torch\.jit\.script\b", sources):
+        # Quieting, not a shim: detectron2 0.6 (modeling/box_regression.py) and fvcore (nn/focal_loss.py) run
+        # torch.jit.script at import, which torch 2.9+ deprecates with a FutureWarning each time; printed before a
+        # tool's one-line error it buries it. Only that message is filtered.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        applied.append("torch.jit.script deprecation warning filtered")
     return applied
 
 

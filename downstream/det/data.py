@@ -271,7 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     tools = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
     defaults = DetDemoSpec()
     demo = tools.add_parser("make-demo", help="draw the embedded detection demo set (COCO layout) into DIR",
-                            description=__doc__.split("\n\n")[1])
+                            description="Draw a small deterministic instance-segmentation set (a few overlapping "
+                                        "shapes per image, polygons of their visible parts) in the standard COCO "
+                                        "layout: DIR/annotations/instances_{train,val}2017.json, "
+                                        "DIR/{train,val}2017/*.png.")
     demo.add_argument("dir", metavar="DIR", type=Path, help="output folder")
     for flag, default, text in (("--train-images", defaults.train_images, "training images"),
                                 ("--val-images", defaults.val_images, "validation images"),

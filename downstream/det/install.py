@@ -1,6 +1,6 @@
 """Install Detectron2 0.6 (pure Python) into this interpreter's environment when it has none.
 
-``python -m downstream.det.install [--check] [--force-route]`` (``make setup`` runs it after installing the
+``python -m downstream.det.install [--check] [--python PYTHON]`` (``make setup`` runs it after installing the
 suite). Detectron2 publishes no wheel for today's torch. When ``import detectron2`` fails because it is absent,
 this follows the route recorded in ENVIRONMENT.md:
 
