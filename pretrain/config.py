@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .runtime.config import ConfigError, ConfigSchema, PresetStore, RunConfig, setting
+from .runtime.config import ConfigError, ConfigSchema, PresetStore, TrainingRunConfig, setting
 
 __all__ = [
     "SCHEMA",
@@ -31,7 +31,7 @@ OPTIMIZERS = ("lamb", "adamw", "sgd")
 
 
 @dataclass(kw_only=True)
-class PretrainConfig(RunConfig):
+class PretrainConfig(TrainingRunConfig):
     """Everything a pretraining run depends on. Hyperparameters without a default come from the preset."""
 
     # --- model
@@ -61,16 +61,7 @@ class PretrainConfig(RunConfig):
     momentum: float = setting("SGD momentum")
     weight_decay: float = setting("weight decay at the start (0 disables decay)")
     weight_decay_end: float = setting("weight decay at the end of the cosine schedule")
-    clip_grad: float = setting("clip the global gradient norm to this value (0: no clipping)")
-    epochs: int = setting("training epochs")
-    warmup_epochs: float = setting("linear lr warm-up epochs")
-    warmup_lr_ratio: float = setting("warm-up starts at this fraction of the peak lr")
-    min_lr_ratio: float = setting("the cosine ends at this fraction of the peak lr")
-    global_batch: int = setting("images per optimiser step over all ranks (with gradient accumulation)")
-    batch_size: int = setting("images per rank per forward pass")
-    # --- derived at resolution (not settable)
-    peak_lr: float = setting("peak learning rate actually used", 0.0, derived=True)
-    grad_accum_steps: int = setting("forward passes per optimiser step on each rank", 1, derived=True)
+    # schedule and batch fields: TrainingRunConfig
 
 
 SCHEMA: ConfigSchema[PretrainConfig] = ConfigSchema(PretrainConfig, PresetStore("pretrain.presets"))

@@ -68,6 +68,8 @@ def test_a_run_logs_and_records_the_choice_first(tmp_path):
     assert (config["amp"], config["precision"]["amp"], config["precision"]["channels_last"]) == ("auto", "none", True)
     result = json.loads((tmp_path / "auto" / "result.json").read_text())
     assert result["config"]["precision"] == config["precision"]
+    printed = subprocess.run([*argv, "--print-config"], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(printed.stdout)["precision"] == config["precision"]  # --print-config shows this machine's
 
     forced = subprocess.run([*argv, "--out", str(tmp_path / "bf16"), "--amp", "bf16"], env=env,
                             capture_output=True, text=True)

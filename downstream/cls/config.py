@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pretrain.runtime.config import ConfigError, ConfigSchema, PresetStore, RunConfig, setting
+from pretrain.runtime.config import ConfigError, ConfigSchema, PresetStore, TrainingRunConfig, setting
 
 __all__ = [
     "BUNDLED_RECIPES",
@@ -39,7 +39,7 @@ DEFAULT_RECIPES = (("convnext*", "table8"), ("*", "table7"))
 
 
 @dataclass(kw_only=True)
-class ClsConfig(RunConfig):
+class ClsConfig(TrainingRunConfig):
     """Everything an ImageNet fine-tuning or linear-probing run depends on (values without default: the recipe)."""
 
     # --- what runs
@@ -93,20 +93,12 @@ class ClsConfig(RunConfig):
     layer_decay_groups: str = setting("layer grouping of the decay: timm (its per-block group_matcher) or published "
                                       "(SparK code: 8 groups for ResNet-50, 12 + head for ConvNeXt)",
                                       choices=LAYER_DECAY_GROUPS)
-    clip_grad: float = setting("clip the global gradient norm to this value (0: no clipping)")
-    epochs: int = setting("training epochs")
-    warmup_epochs: float = setting("linear lr warm-up epochs")
-    warmup_lr_ratio: float = setting("warm-up starts at this fraction of the peak lr")
-    min_lr_ratio: float = setting("the cosine ends at this fraction of the peak lr")
-    global_batch: int = setting("images per optimiser step over all ranks (with gradient accumulation)")
-    batch_size: int = setting("images per rank per forward pass")
+    # schedule and batch fields: TrainingRunConfig
     eval_batch_size: int = setting("images per rank per evaluation pass (0: twice batch_size)", 0)
     ema_decays: list[float] = setting("decays of the weight EMAs tracked and evaluated (timm ModelEmaV3; 0: none)",
                                       nargs="+")
     eval_every: int = setting("evaluate every N epochs (and always after the last)", 1)
     # --- derived at resolution (not settable)
-    peak_lr: float = setting("peak learning rate actually used", 0.0, derived=True)
-    grad_accum_steps: int = setting("forward passes per optimiser step on each rank", 1, derived=True)
     num_classes: int = setting("classes found in the data (set when the run starts)", 0, derived=True)
 
 

@@ -19,9 +19,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from PIL import Image, ImageDraw
 
 from pretrain.runtime.cli import ArgumentParser, run_cli, setup_logging
 from pretrain.runtime.errors import SuiteError
+from pretrain.runtime.io import staged_folder
 
 __all__ = ["DEMO_SPLITS", "DataError", "DetDemoSpec", "check_coco_split", "coco_split_paths", "make_det_demo",
            "register_coco_split", "split_of_dataset"]
@@ -178,22 +177,11 @@ def make_det_demo(root: str | os.PathLike, spec: DetDemoSpec | None = None, over
     non-empty folder and not ``overwrite``.
     """
     spec = spec or DetDemoSpec()
-    root = Path(root).expanduser().absolute()
-    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} already exists and is not an empty folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with staged_folder(root, overwrite) as tmp:
         (tmp / "annotations").mkdir()
         for split, count in zip(DEMO_SPLITS, (spec.train_images, spec.val_images)):
             _write_split(tmp, split, count, spec)
-        tmp.chmod(0o755)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return Path(root).expanduser().absolute()
 
 
 def coco_split_paths(root: str | os.PathLike, split: str) -> tuple[Path, Path]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..runtime.io import staged_folder
 
 __all__ = [
     "CLASSES",
@@ -171,17 +171,6 @@ def _write_split(folder: Path, split: str, spec: DemoSpec) -> None:
             render_demo_image(class_name, spec.image_size, rng).save(class_dir / f"{class_name}_{index:04d}.png")
 
 
-def _publish(tmp: Path, root: Path, overwrite: bool) -> None:
-    """Move the finished ``tmp`` folder to ``root`` by renames (an existing ``root`` only if ``overwrite``)."""
-    if overwrite and root.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-        os.replace(root, trash / root.name)
-        os.replace(tmp, root)
-        shutil.rmtree(trash)
-    else:
-        os.replace(tmp, root)  # fails if another process filled root meanwhile; replaces an empty root folder
-
-
 def make_demo_dataset(
     root: str | os.PathLike,
     num_classes: int = DemoSpec.num_classes,
@@ -198,21 +187,12 @@ def make_demo_dataset(
     never leaves a partial ``root``. Raises ``FileExistsError`` if ``root`` is non-empty and not ``overwrite``.
     """
     spec = DemoSpec(num_classes, train_per_class, val_per_class, image_size, seed)
-    root = Path(root).expanduser().absolute()
-    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
-        raise FileExistsError(f"{root} already exists and is not an empty folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-    try:
+    with staged_folder(root, overwrite) as tmp:
         for split in SPLITS:
             _write_split(tmp, split, spec)
         manifest = {**dataclasses.asdict(spec), "classes": sorted(spec.classes)}  # label order of the folders
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the published set is an ordinary folder
-        _publish(tmp, root, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return Path(root).expanduser().absolute()
 
 
 def default_demo_root() -> Path:

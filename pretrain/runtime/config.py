@@ -37,6 +37,7 @@ __all__ = [
     "ConfigSchema",
     "PresetStore",
     "RunConfig",
+    "TrainingRunConfig",
     "setting",
 ]
 
@@ -101,6 +102,23 @@ class RunConfig:
     def to_json(self) -> str:
         """Indented JSON of :meth:`to_dict`."""
         return json.dumps(self.to_dict(), indent=2)
+
+
+@dataclass(kw_only=True)
+class TrainingRunConfig(RunConfig):
+    """A :class:`RunConfig` with the schedule every epoch-based training stage shares (pretraining, fine-tuning):
+    epochs, warm-up and cosine floor, clipping, and the global batch split into per-rank forward passes."""
+
+    clip_grad: float = setting("clip the global gradient norm to this value (0: no clipping)")
+    epochs: int = setting("training epochs")
+    warmup_epochs: float = setting("linear lr warm-up epochs")
+    warmup_lr_ratio: float = setting("warm-up starts at this fraction of the peak lr")
+    min_lr_ratio: float = setting("the cosine ends at this fraction of the peak lr")
+    global_batch: int = setting("images per optimiser step over all ranks (with gradient accumulation)")
+    batch_size: int = setting("images per rank per forward pass")
+    # --- derived at resolution (not settable)
+    peak_lr: float = setting("peak learning rate actually used", 0.0, derived=True)
+    grad_accum_steps: int = setting("forward passes per optimiser step on each rank", 1, derived=True)
 
 
 C = TypeVar("C", bound=RunConfig)

@@ -11,12 +11,16 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 from iopath.common.file_io import PathManager
 
-__all__ = ["PREVIOUS_SUFFIX", "atomic_write", "atomic_write_json", "atomic_write_text", "join", "read_json"]
+__all__ = ["PREVIOUS_SUFFIX", "atomic_write", "atomic_write_json", "atomic_write_text", "join", "read_json",
+           "staged_folder"]
 
 PREVIOUS_SUFFIX = ".prev"
 TMP_SUFFIX = ".tmp"
@@ -81,3 +85,29 @@ def read_json(path: str, pm: PathManager | None = None) -> Any:
     pm = pm or PathManager()
     with pm.open(str(path), "r") as handle:
         return json.load(handle)
+
+
+@contextlib.contextmanager
+def staged_folder(root: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``root`` to fill; on success it replaces ``root`` by renames.
+
+    An interrupted or failed fill never leaves a partial ``root`` (the temporary folder is removed).
+    ``FileExistsError`` up front if ``root`` is a file or a non-empty folder and not ``overwrite``.
+    """
+    root = Path(root).expanduser().absolute()
+    if root.exists() and not overwrite and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} already exists and is not an empty folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published folder is an ordinary one
+        if overwrite and root.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, trash / root.name)
+            os.replace(tmp, root)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, root)  # fails if another process filled root meanwhile; replaces an empty root folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

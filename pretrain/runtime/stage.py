@@ -92,6 +92,16 @@ def prepare_run(cfg: RunConfig, device: Any):  # -> Precision
     return precision
 
 
+def _precision_here(cfg: RunConfig):  # -> Precision
+    """The precision a run of ``cfg`` would get on this machine (for ``--print-config``)."""
+    import torch
+
+    from .precision import choose_precision
+
+    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
+    return choose_precision(torch.device(device), cfg.amp, cfg.channels_last)
+
+
 @dataclass(frozen=True)
 class StageCommand:
     """A stage's command line: ``prog``, ``build_parser()`` (with ``--print-config`` and the config flags),
@@ -116,6 +126,7 @@ class StageCommand:
 
         cfg, print_config = self.parse(argv)
         if print_config:
+            cfg.precision = _precision_here(cfg).to_dict()
             print(cfg.to_json())
             return Outcome("printed", "printed the resolved config")
         if not cfg.out:
