@@ -26,7 +26,8 @@ from .cli import ArgumentParser, run_cli, setup_logging
 from .config import ConfigError, RunConfig
 from .signals import StopRequest
 
-__all__ = ["Outcome", "StageCommand", "find_resume_path", "parser_with_config", "prepare_run", "seed_everything"]
+__all__ = ["Outcome", "StageCommand", "find_resume_path", "parser_with_config", "prepare_run",
+           "record_precision", "seed_everything"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,33 +74,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def record_precision(cfg: RunConfig, device: Any):  # -> Precision
+    """Resolve the precision of ``cfg`` on ``device`` (a torch device or its type) and store it in ``cfg.precision``."""
+    from .precision import choose_precision
+
+    precision = choose_precision(device, cfg.amp, cfg.channels_last)
+    cfg.precision = precision.to_dict()
+    return precision
+
+
 def prepare_run(cfg: RunConfig, device: Any):  # -> Precision
-    """Set determinism and resolve the precision of ``cfg`` on ``device`` (stored in ``cfg.precision``).
+    """Set determinism and :func:`record_precision` of ``cfg`` on ``device``.
 
     Logs the choice as the run's first line, and its warning (bf16 requested without native bf16).
     """
     import torch
 
-    from .precision import choose_precision
-
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
     torch.backends.cudnn.benchmark = not cfg.deterministic
-    precision = choose_precision(device, cfg.amp, cfg.channels_last)
-    cfg.precision = precision.to_dict()
+    precision = record_precision(cfg, device)
     logger.info("%s", precision.describe())
     if precision.warning:
         logger.warning("%s", precision.warning)
     return precision
-
-
-def _precision_here(cfg: RunConfig):  # -> Precision
-    """The precision a run of ``cfg`` would get on this machine (for ``--print-config``)."""
-    import torch
-
-    from .precision import choose_precision
-
-    device = "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu"
-    return choose_precision(torch.device(device), cfg.amp, cfg.channels_last)
 
 
 @dataclass(frozen=True)
@@ -126,7 +123,9 @@ class StageCommand:
 
         cfg, print_config = self.parse(argv)
         if print_config:
-            cfg.precision = _precision_here(cfg).to_dict()
+            import torch
+
+            record_precision(cfg, "cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
             print(cfg.to_json())
             return Outcome("printed", "printed the resolved config")
         if not cfg.out:
