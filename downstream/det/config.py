@@ -5,9 +5,13 @@ Shipped configs live in ``downstream/det/configs/`` and are named by file stem (
 
 - ``MODEL.TIMM.NAME`` / ``DROP_PATH_RATE`` / ``OUT_FEATURES`` / ``NORM``: the timm backbone
   (:mod:`downstream.det.backbone`); ``NORM`` "" keeps the model's norms, "SyncBN" / "BN" / "FrozenBN" convert
-  its BatchNorms;
+  its BatchNorms; ``STAGE_NORM`` "LN" adds a LayerNorm on each stage output (MMDetection's ConvNeXt ``norm0..3``);
+  ``LS_INIT_VALUE`` the layer-scale init (timm's ``ls_init_value``; None: the model's default);
+- ``INPUT.CROP_BRANCH``: the second branch of the DETR-style training augmentation of the published ConvNeXt
+  detection config (``ENABLED``, ``PROB``, ``MIN_SIZE``, ``TYPE``, ``SIZE``; :mod:`downstream.det.augment`);
 - ``SOLVER.OPTIMIZER`` ("ADAMW" or Detectron2's "SGD"), ``SOLVER.BETAS`` (AdamW), ``SOLVER.LAYER_DECAY``
-  (1.0: off; see :mod:`downstream.det.optim`);
+  (1.0: off), ``SOLVER.WEIGHT_DECAY_EXEMPT`` ("1d" or "norm": which parameters AdamW leaves undecayed; see
+  :mod:`downstream.det.optim`);
 - ``SOLVER.PRECISION.AMP`` (auto / bf16 / none) and ``SOLVER.PRECISION.CHANNELS_LAST`` (auto / on / off): the
   hardware rule of :mod:`pretrain.runtime.precision`; a run stores what it chose ("auto" resolved).
 """
@@ -38,9 +42,18 @@ def add_spark_config(cfg: CfgNode) -> CfgNode:
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     cfg.MODEL.TIMM.NORM = ""
+    cfg.MODEL.TIMM.STAGE_NORM = ""
+    cfg.MODEL.TIMM.LS_INIT_VALUE = None
+    cfg.INPUT.CROP_BRANCH = CfgNode()
+    cfg.INPUT.CROP_BRANCH.ENABLED = False
+    cfg.INPUT.CROP_BRANCH.PROB = 0.5
+    cfg.INPUT.CROP_BRANCH.MIN_SIZE = (400, 500, 600)
+    cfg.INPUT.CROP_BRANCH.TYPE = "absolute_range"
+    cfg.INPUT.CROP_BRANCH.SIZE = [384, 600]
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.LAYER_DECAY = 1.0
+    cfg.SOLVER.WEIGHT_DECAY_EXEMPT = "1d"
     cfg.SOLVER.PRECISION = CfgNode()
     cfg.SOLVER.PRECISION.AMP = "auto"
     cfg.SOLVER.PRECISION.CHANNELS_LAST = "auto"

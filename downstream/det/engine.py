@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import build_detection_train_loader
 from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.modeling import build_model
 from detectron2.utils import comm
@@ -36,6 +37,7 @@ from pretrain.runtime.io import join
 from pretrain.runtime.signals import StopRequest
 
 from . import backbone as _backbone  # noqa: F401  (registers build_timm_fpn_backbone)
+from .augment import build_train_mapper
 from .evaluation import evaluate_coco
 from .optim import build_optimizer
 from .weights import WeightsReport, load_detection_weights, unwrap
@@ -139,6 +141,11 @@ class DetTrainer(DefaultTrainer):
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Any:
+        """Detectron2's training loader with the suite's mapper (:mod:`.augment`: the config's augmentation)."""
+        return build_detection_train_loader(cfg, mapper=build_train_mapper(cfg))
 
     @classmethod
     def test(cls, cfg: CfgNode, model: nn.Module, evaluators: Any = None) -> dict[str, Any]:

@@ -6,7 +6,18 @@ everything outside the backbone (FPN, RPN, ROI heads) gets the last id L. A para
 ``BASE_LR * LAYER_DECAY ** (L - g)``. For ResNet-50 this is the published SparK grouping (stem 0, res2 1, res3 2,
 res4 3-4, res5 5, rest 6); for ConvNeXt-S/B (27 blocks in stage 3) it is ConvNeXt's 12-layer grouping (downsampling
 layers with their stage's first block, stage 4 at 12, rest 13). Parameters between two stages (EfficientNet's
-stride-preserving block groups) join the next stage. Biases and other 1-D parameters (norms) get no weight decay.
+stride-preserving block groups) join the next stage; parameters of the backbone outside the timm model (the stage
+LayerNorms of ``MODEL.TIMM.STAGE_NORM``) get the last id, as MMDetection's rule gives ``backbone.norm0..3``.
+
+Weight decay, ``SOLVER.WEIGHT_DECAY_EXEMPT``:
+
+- ``1d``: every 1-D parameter (biases, norms, layer scales) and every bias gets none: the rule of the ConvNeXt
+  repository's ``LearningRateDecayOptimizerConstructor`` (``object_detection/mmcv_custom/``), of timm and of the
+  published SparK ImageNet code;
+- ``norm``: Detectron2 0.6's ``get_default_optimizer_params`` as the published SparK Detectron2 code calls it
+  (``downstream_d2/train_net.py``): parameters of normalisation layers get ``SOLVER.WEIGHT_DECAY_NORM`` (0), then
+  biases ``SOLVER.WEIGHT_DECAY_BIAS`` where set (default None: they keep ``SOLVER.WEIGHT_DECAY``, so the biases of
+  convolutions and linear layers decay), everything else ``SOLVER.WEIGHT_DECAY``.
 """
 
 from __future__ import annotations
@@ -22,9 +33,14 @@ from torch import nn
 
 from .backbone import stage_prefixes
 
-__all__ = ["build_optimizer", "layer_ids", "param_groups"]
+__all__ = ["NORM_MODULES", "WEIGHT_DECAY_EXEMPTS", "build_optimizer", "layer_ids", "param_groups", "weight_decays"]
 
 _BLOCK = re.compile(r"(?:blocks\.)?b?(\d+)\.")
+WEIGHT_DECAY_EXEMPTS = ("1d", "norm")
+# The normalisation layers of Detectron2 0.6's get_default_optimizer_params (solver/build.py); Detectron2's
+# NaiveSyncBatchNorm and timm's LayerNorm2d are subclasses of two of them.
+NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def _stage_of(relative: str, stages: tuple[str, ...]) -> tuple[int, int] | None:
@@ -63,20 +79,38 @@ def layer_ids(names: Iterable[str], prefix: str, stages: tuple[str, ...]) -> tup
     return ids, top + 1
 
 
-def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW parameter groups: one per (layer id, decayed or not), each with its ``lr`` and ``weight_decay``."""
+def weight_decays(model: nn.Module, weight_decay: float, exempt: str = "1d", weight_decay_norm: float = 0.0,
+                  weight_decay_bias: float | None = None) -> dict[str, float]:
+    """Weight decay of every parameter of ``model`` by name, under the ``exempt`` rule (module docstring)."""
+    if exempt not in WEIGHT_DECAY_EXEMPTS:
+        raise ValueError(f"SOLVER.WEIGHT_DECAY_EXEMPT must be one of {WEIGHT_DECAY_EXEMPTS}; got {exempt!r}")
+    decays: dict[str, float] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            if exempt == "1d":
+                decays[name] = 0.0 if param.ndim <= 1 or param_name == "bias" else weight_decay
+                continue
+            decay = weight_decay_norm if isinstance(module, NORM_MODULES) else weight_decay
+            decays[name] = weight_decay_bias if param_name == "bias" and weight_decay_bias is not None else decay
+    return decays
+
+
+def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float, exempt: str = "1d",
+                 weight_decay_norm: float = 0.0, weight_decay_bias: float | None = None) -> list[dict]:
+    """AdamW parameter groups: one per (layer id, weight decay), each with its ``lr`` and ``weight_decay``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     found = stage_prefixes(model)
     if found is None:
         raise ValueError(f"layer-wise lr decay needs a ResNet or timm backbone; {type(model).__name__} has neither")
     ids, last = layer_ids([n for n, _ in named], *found)
-    groups: dict[tuple[int, bool], dict] = {}
+    decays = weight_decays(model, weight_decay, exempt, weight_decay_norm, weight_decay_bias)
+    groups: dict[tuple[int, float], dict] = {}
     for name, param in named:
-        decayed = param.ndim > 1 and not name.endswith(".bias")
         scale = layer_decay ** (last - ids[name])
-        group = groups.setdefault((ids[name], decayed), {
-            "params": [], "lr": base_lr * scale, "weight_decay": weight_decay if decayed else 0.0,
-            "layer_id": ids[name], "lr_scale": scale})
+        group = groups.setdefault((ids[name], decays[name]), {
+            "params": [], "lr": base_lr * scale, "weight_decay": decays[name], "layer_id": ids[name],
+            "lr_scale": scale})
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 
@@ -88,7 +122,8 @@ def build_optimizer(cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """
     solver = cfg.SOLVER
     if solver.OPTIMIZER.upper() == "ADAMW":
-        groups = param_groups(model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.LAYER_DECAY)
+        groups = param_groups(model, solver.BASE_LR, solver.WEIGHT_DECAY, solver.LAYER_DECAY,
+                              solver.WEIGHT_DECAY_EXEMPT, solver.WEIGHT_DECAY_NORM, solver.WEIGHT_DECAY_BIAS)
         # torch's fused AdamW kernel (CPU and CUDA): same update, 2-5x faster than the per-tensor loop on CPU
         fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(groups, lr=solver.BASE_LR,

@@ -106,8 +106,10 @@ def load_detection_weights(model: nn.Module, path: str, evaluation: bool = False
     bad_shapes = shapes if evaluation else [s for s, (k, _, _) in zip(shapes, incompatible.incorrect_shapes)
                                              if k.startswith("backbone.")]
     reshaped = {k for k, _, _ in incompatible.incorrect_shapes}
+    bottom_up = getattr(model.backbone, "bottom_up", None)
+    fresh = {BACKBONE_PREFIX + k for k in getattr(bottom_up, "fresh_keys", ())}  # new layers (stage norms)
     missing = [k for k in incompatible.missing_keys
-               if (evaluation or k.startswith(BACKBONE_PREFIX)) and k not in reshaped]
+               if (evaluation or (k.startswith(BACKBONE_PREFIX) and k not in fresh)) and k not in reshaped]
     problems = [f"{len(keys)} {what} ({key_examples(keys)})" for what, keys in
                 (("missing", missing), ("unexpected", incompatible.unexpected_keys), ("of another shape", bad_shapes))
                 if keys]
