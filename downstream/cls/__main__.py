@@ -29,8 +29,8 @@ DESCRIPTION = (
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m downstream.cls`` parser: ``--recipe``, ``--print-config`` and one flag per config field."""
     recipe = {"flag": "--recipe", "default": None,
-              "help": "bundled recipe (table7, table7-code, table8, table8-code, table8-code-384, linear, tiny) or a "
-                      "YAML file [default: linear with --protocol linear, table8 for convnext*, else table7]"}
+              "help": f"bundled recipe ({', '.join(BUNDLED_RECIPES)}) or a YAML file [default: linear with "
+                      "--protocol linear, table8 for convnext*, else table7]"}
     return parser_with_config(PROG, DESCRIPTION, lambda parser: SCHEMA.add_arguments(parser, BUNDLED_RECIPES), recipe)
 
 

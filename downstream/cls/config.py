@@ -2,7 +2,9 @@
 
 Recipes live in ``downstream/cls/recipes/<name>.yaml`` (see their comments for every value's source):
 ``table7`` / ``table8`` (the paper's appendix C), ``table7-code`` / ``table8-code`` / ``table8-code-384`` (what the
-published SparK code ran), ``linear`` (linear probing, table 6) and ``tiny`` (the embedded demo). Resolution goes
+published SparK code ran), ``rsb-a2`` / ``convnext-in1k`` (the supervised baselines the paper quotes: Wightman et al.
+2021 procedure A2, Liu et al. 2022 ImageNet-1K training), ``linear`` (linear probing, table 6) and ``tiny`` (the
+embedded demo). Resolution goes
 through :class:`pretrain.runtime.config.ConfigSchema` (recipe, its ``base`` chain, matching ``per_model`` entries,
 overrides), then the derived values: the peak learning rate (linear in the global batch, relative to
 ``lr_base_size``) and the gradient-accumulation steps. Imports neither torch nor timm.
@@ -33,7 +35,8 @@ LAYER_DECAY_GROUPS = ("timm", "published")
 INTERPOLATIONS = ("bicubic", "bilinear")
 CROP_MODES = ("center", "squash", "border")
 # Recipes whose values the --help of every flag shows (launchers build argv with ``SCHEMA.to_argv(overrides)``).
-BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "table8-code-384", "linear", "tiny")
+BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "table8-code-384", "rsb-a2", "convnext-in1k",
+                   "linear", "tiny")
 # Which recipe a run gets without --recipe: the first whose model glob matches (linear probing: "linear").
 DEFAULT_RECIPES = (("convnext*", "table8"), ("*", "table7"))
 
@@ -78,6 +81,8 @@ class ClsConfig(TrainingRunConfig):
     # --- model
     drop: float = setting("dropout rate before the classifier")
     drop_path: float = setting("stochastic depth rate")
+    ls_init_value: float | None = setting("layer-scale init of ConvNeXt-style blocks (timm model argument "
+                                          "ls_init_value; none: the model's default)", None)
     sync_bn: bool = setting("synchronise BatchNorm statistics over ranks (multi-rank runs)")
     # --- optimisation
     opt: str = setting("optimiser (timm create_optimizer_v2)", choices=OPTIMIZERS)

@@ -35,12 +35,18 @@ STAGE_KEY = "stage"  # checkpoint entry marking a fine-tuning checkpoint of this
 
 
 def build_classifier(cfg: ClsConfig, num_classes: int) -> nn.Module:
-    """``timm.create_model(cfg.model, num_classes, drop_rate, drop_path_rate)``; :class:`ConfigError` if unknown."""
+    """``timm.create_model(cfg.model, num_classes, drop_rate, drop_path_rate[, ls_init_value])``;
+    :class:`ConfigError` if the model is unknown or takes no layer scale."""
     drop_path = 0.0 if cfg.protocol == "linear" else cfg.drop_path
+    extra = {} if cfg.ls_init_value is None else {"ls_init_value": cfg.ls_init_value}
     try:
-        return timm.create_model(cfg.model, num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=drop_path)
+        return timm.create_model(cfg.model, num_classes=num_classes, drop_rate=cfg.drop, drop_path_rate=drop_path,
+                                 **extra)
     except RuntimeError as error:  # timm: "Unknown model (...)"
         raise ConfigError(f"cannot build model {cfg.model!r}: {error}") from error
+    except TypeError as error:  # a model without layer scale given --ls-init-value
+        raise ConfigError(f"cannot build model {cfg.model!r} with ls_init_value {cfg.ls_init_value}: {error}") \
+            from error
 
 
 def read_cls_checkpoint(path: str) -> dict[str, Any] | None:

@@ -80,10 +80,13 @@ def build_optimizer(model: nn.Module, cfg: ClsConfig) -> torch.optim.Optimizer:
 def build_schedule(optimizer: torch.optim.Optimizer, cfg: ClsConfig, steps_per_epoch: int
                    ) -> Callable[[int], Mapping[str, float]]:
     """Per-step linear warm-up from ``warmup_lr_ratio`` x peak, then cosine to ``min_lr_ratio`` x peak (timm's
-    ``CosineLRScheduler``, which also applies each group's ``lr_scale``); returns ``schedule(step) -> {"lr"}``."""
+    ``CosineLRScheduler``, which also applies each group's ``lr_scale``); returns ``schedule(step) -> {"lr"}``.
+
+    The cosine reaches its floor at the last step, ``total - 1``, as the published SparK code's ``lr_wd_annealing``
+    does (tests/test_parity_cls.py)."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=cfg.peak_lr * cfg.min_lr_ratio,
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup - 1, 1), lr_min=cfg.peak_lr * cfg.min_lr_ratio,
                                   warmup_t=warmup, warmup_lr_init=cfg.peak_lr * cfg.warmup_lr_ratio,
                                   warmup_prefix=True, t_in_epochs=False)
 

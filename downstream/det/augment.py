@@ -11,8 +11,9 @@ scheme comes from DETR) trains on one of two branches per image, each chosen hal
     random region of ``INPUT.CROP_BRANCH.TYPE`` / ``SIZE`` (``absolute_range`` 384..600 px per side; a crop may keep
     no object, MMDetection's ``allow_negative_crop``), then resize as in (a);
 
-then a random horizontal flip (the order of flip and resize does not change what is drawn). ``INPUT.CROP_BRANCH.
-ENABLED False`` keeps Detectron2's own augmentation (``detectron2.data.detection_utils.build_augmentation``).
+then a random horizontal flip (``INPUT.RANDOM_FLIP``; the order of flip and resize does not change what is
+drawn). ``INPUT.CROP_BRANCH.ENABLED False`` keeps Detectron2's own augmentation
+(``detectron2.data.detection_utils.build_augmentation``).
 
 Cropping polygon masks needs ``shapely``, which Detectron2 0.6 imports for it; MMDetection crops bitmaps
 (``LoadAnnotations(poly2mask=True)``). With ``INPUT.MASK_FORMAT bitmask`` the mapper rasterises the polygons at the
@@ -30,6 +31,8 @@ from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from pycocotools import mask as mask_util
+
+from pretrain.runtime.errors import UsageError
 
 __all__ = ["DetDatasetMapper", "RandomBranch", "build_train_augmentation", "build_train_mapper"]
 
@@ -63,11 +66,16 @@ def build_train_augmentation(cfg: CfgNode) -> list[T.Augmentation]:
     if not branch.ENABLED:
         return utils.build_augmentation(cfg, is_train=True)
     if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING != "choice":
-        raise ValueError("INPUT.CROP_BRANCH needs INPUT.MIN_SIZE_TRAIN_SAMPLING choice (sizes drawn from a list)")
+        raise UsageError("INPUT.CROP_BRANCH needs INPUT.MIN_SIZE_TRAIN_SAMPLING choice (sizes drawn from a list)")
+    if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT != "bitmask":
+        raise UsageError("INPUT.CROP_BRANCH crops masks: set INPUT.MASK_FORMAT bitmask (Detectron2 0.6 crops polygons "
+                         "with shapely, which this suite does not install)")
     resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, "choice")
     crop = [T.ResizeShortestEdge(branch.MIN_SIZE, cfg.INPUT.MAX_SIZE_TRAIN, "choice"),
             T.RandomCrop(branch.TYPE, tuple(branch.SIZE)), resize]
-    return [RandomBranch([[resize], crop], [1 - branch.PROB, branch.PROB]), T.RandomFlip()]
+    flip = cfg.INPUT.RANDOM_FLIP
+    flips = [] if flip == "none" else [T.RandomFlip(horizontal=flip == "horizontal", vertical=flip == "vertical")]
+    return [RandomBranch([[resize], crop], [1 - branch.PROB, branch.PROB]), *flips]
 
 
 def _polygons_to_rle(annotation: dict[str, Any], height: int, width: int) -> dict[str, Any]:
