@@ -18,6 +18,25 @@ from torch import nn
 
 # --- ImageNet fine-tuning: downstream_imagenet/ -------------------------------------------------------------------
 
+# downstream_imagenet/arg.py (HP_DEFAULT_VALUES, commit a63e386): what a published fine-tuning run of each model
+# takes when its command line sets nothing: global batch, epochs, warm-up epochs, optimiser, base lr (peak lr =
+# base lr x batch / 256), layer-wise lr scale, weight decay, mixup alpha, repeated augmentation, drop path, EMA.
+SPARK_FT_NAMES = ("bs", "ep", "wp_ep", "opt", "base_lr", "lr_scale", "wd", "mixup", "rep_aug", "drop_path", "ema")
+SPARK_FT_DEFAULTS = {name: dict(zip(SPARK_FT_NAMES, values)) for name, values in {
+    "convnext_small": (4096, 400, 20, "adam", 2e-4, 0.7, 0.01, 0.8, 3, 0.3, 0.9999),
+    "convnext_base": (4096, 400, 20, "adam", 1e-4, 0.7, 0.01, 0.8, 3, 0.4, 0.9999),
+    "convnext_large": (4096, 200, 10, "adam", 1e-4, 0.7, 0.02, 0.8, 3, 0.5, 0.9999),
+    "convnext_large_384": (1024, 200, 20, "adam", 6e-5, 0.7, 0.01, 0.8, 3, 0.5, 0.99995),
+    "resnet50": (2048, 300, 5, "lamb", 2e-3, 0.7, 0.02, 0.1, 0, 0.05, 0.9999),
+    "resnet101": (2048, 300, 5, "lamb", 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999),
+    "resnet152": (2048, 300, 5, "lamb", 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999),
+    "resnet200": (2048, 300, 5, "lamb", 1e-3, 0.8, 0.02, 0.1, 0, 0.2, 0.9999),
+}.items()}
+# downstream_imagenet/util.py: the mixing of every run (BatchMixup: cutmix alpha 1.0, every batch, cutmix or mixup
+# with equal probability, label smoothing 0.1 inside the targets); the loss is BCE with LAMB, soft-target
+# cross-entropy with AdamW.
+SPARK_MIX = {"cutmix": 1.0, "prob": 1.0, "switch_prob": 0.5, "smoothing": 0.1}
+
 # downstream_imagenet/util.py: the names whose parameters never decay, matched as substrings.
 SPARK_NO_WD_KEYS = ("cls_token", "pos_embed", "mask_token", "gamma")
 # downstream_imagenet/models/__init__.py: blocks per layer group in (layer2, layer3), by their block counts.
