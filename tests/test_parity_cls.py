@@ -29,6 +29,12 @@ def _suite_schedule(optimizer: torch.optim.Optimizer, cfg: ClsConfig, steps_per_
     return build_schedule(optimizer, cfg, steps_per_epoch)
 
 
+def _suite_mix(cfg: ClsConfig, images: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    from downstream.cls.task import build_mixup
+
+    return build_mixup(cfg, num_classes)(images.clone(), labels.clone())
+
+
 def _suite_loss(model: torch.nn.Module, cfg: ClsConfig, images: torch.Tensor, labels: torch.Tensor,
                 num_classes: int) -> torch.Tensor:
     from downstream.cls.task import ClsTask, build_criterion, build_mixup
@@ -111,39 +117,45 @@ def test_lr_of_every_group_at_every_step_matches_the_published_schedule(recipe, 
 @pytest.mark.parametrize(("recipe", "model_name", "family"), [
     ("table7-code", "resnet18", "resnet50"), ("table8-code", "convnext_atto", "convnext_small"),
     ("table7", "resnet18", "resnet50")])
-def test_loss_of_a_batch_matches_the_published_mixing_and_criterion(recipe, model_name, family):
-    """A small model of the family, with the family's published mixing (arg.py mixup alpha, util.py's constants)
-    and loss (BCE with LAMB, soft-target cross-entropy with AdamW). Mixup batches agree to 1e-6. Cutmix boxes are
-    the one documented difference: timm's rand_bbox (>= 0.9) ends a box at ``centre + (cut + 1) // 2`` where the
-    published copy of timm 0.5's ends it at ``centre + cut // 2``, so odd sides are one pixel longer here; with that
-    rounding the reference agrees too, and it differs without."""
+def test_mixing_and_loss_of_a_batch_match_the_published_code(recipe, model_name, family):
+    """A small model of the family, with the family's published mixing (arg.py's mixup alpha, util.py's constants)
+    and loss (BCE with LAMB, soft-target cross-entropy with AdamW): mixed images and targets of 200 batches, then
+    the loss of a few, agree to 1e-6. Cutmix boxes are the one documented difference: timm's rand_bbox (>= 0.9)
+    ends a box at ``centre + (cut + 1) // 2`` where the published copy of timm 0.5's ends it at ``centre + cut // 2``,
+    so odd sides are one pixel longer here; with that rounding the reference agrees, and it differs without."""
     cfg = resolve_config(recipe, {"model": model_name})
     hp, mix = ref.SPARK_FT_DEFAULTS[family], ref.SPARK_MIX
     loss_fn = ref.bce_loss if hp["opt"] == "lamb" else ref.soft_target_ce
     num_classes = 10
     torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=num_classes).eval()
-    images = torch.randn(4, 3, 32, 32)
-    labels = torch.tensor([1, 7, 3, 7])
-    def published(seed: int, upper_half=lambda cut: cut // 2) -> tuple[float, str]:
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 7, 3, 7])
+
+    def published(seed: int, upper_half=lambda cut: cut // 2):
         np.random.seed(seed)
-        mixed, targets, branch = ref.spark_mix(images, labels, num_classes, hp["mixup"], mix["cutmix"],
-                                               mix["smoothing"], mix["prob"], mix["switch_prob"], upper_half)
-        with torch.no_grad():
-            return loss_fn(model(mixed), targets).item(), branch
+        return ref.spark_mix(images, labels, num_classes, hp["mixup"], mix["cutmix"], mix["smoothing"], mix["prob"],
+                             mix["switch_prob"], upper_half)
+
+    def documented(seed: int):
+        return published(seed, lambda cut: (cut + 1) // 2)
 
     seen = set()
-    for seed in range(8):
+    for seed in range(200):
         np.random.seed(seed)
-        with torch.no_grad():
-            suite = _suite_loss(model, cfg, images, labels, num_classes).item()
-        expected, branch = published(seed)
+        mixed, targets = _suite_mix(cfg, images, labels, num_classes)
+        expected_images, expected_targets, branch = documented(seed)
+        assert torch.allclose(mixed, expected_images, atol=1e-6) and torch.allclose(targets, expected_targets,
+                                                                                   atol=1e-6), (seed, branch)
         seen.add(branch)
-        if branch != "cutmix":
-            assert suite == pytest.approx(expected, abs=1e-6), (seed, branch)
-            continue
-        documented, _ = published(seed, lambda cut: (cut + 1) // 2)
-        assert suite == pytest.approx(documented, abs=1e-6), seed
-        if abs(documented - expected) > 1e-6:  # an odd side not clipped away: the difference is real
-            seen.add("longer box")
+        if branch == "cutmix" and not torch.equal(published(seed)[0], expected_images):
+            seen.add("longer box")  # an odd side not clipped away: the difference is real
+        if branch == "mixup":  # no box: the published rule itself
+            assert torch.equal(published(seed)[0], expected_images)
     assert {"mixup", "cutmix", "longer box"} <= seen
+
+    model = timm.create_model(model_name, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for seed in range(4):
+            np.random.seed(seed)
+            suite = _suite_loss(model, cfg, images, labels, num_classes).item()
+            expected_images, expected_targets, _ = documented(seed)
+            assert suite == pytest.approx(loss_fn(model(expected_images), expected_targets).item(), abs=1e-6), seed
