@@ -68,7 +68,8 @@ def official_convnext_name(timm_name: str) -> str:
     """The name a timm ConvNeXt parameter has in the official ConvNeXt classifier the published code fine-tunes
     (downstream_imagenet/models/convnext_official.py: ``downsample_layers.0`` is the stem, ``downsample_layers.i``
     the i-th downsampling, ``stages.i.j`` block j, then ``norm`` and ``head``)."""
-    rules = ((r"stem\.(.*)", r"downsample_layers.0.\1"), (r"stages\.(\d)\.downsample\.(.*)", r"downsample_layers.\1.\2"),
+    rules = ((r"stem\.(.*)", r"downsample_layers.0.\1"),
+             (r"stages\.(\d)\.downsample\.(.*)", r"downsample_layers.\1.\2"),
              (r"stages\.(\d)\.blocks\.(\d+)\.(.*)", r"stages.\1.\2.\3"), (r"head\.norm\.(.*)", r"norm.\1"),
              (r"head\.fc\.(.*)", r"head.\1"))
     for pattern, replacement in rules:
@@ -203,7 +204,7 @@ def d2_groups(model: nn.Module, base_lr: float, weight_decay: float, decay: floa
     parameter named ``bias`` when that is set, else the optimiser's ``weight_decay``."""
     groups = {}
     for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
+        for param_name, _ in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}"
             wd = weight_decay_norm if isinstance(module, D2_NORM_TYPES) else weight_decay
             if param_name == "bias" and weight_decay_bias is not None:

@@ -143,8 +143,8 @@ def test_overrides_show_up_and_the_lr_scales_with_the_global_batch(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["--recipe", "table9"], "unknown recipe 'table9'; choose one of linear, table7, table7-code, table8, "
-                             "table8-code, table8-code-384, tiny"),
+    (["--recipe", "table9"], "unknown recipe 'table9'; choose one of convnext-in1k, linear, rsb-a2, table7, "
+                             "table7-code, table8, table8-code, table8-code-384, tiny"),
     (["--recipe", "tiny", "--global-batch", "30", "--batch-size", "4"], "global_batch 30 is not a multiple"),
     (["--recipe", "tiny", "--ema-decays", "1.5"], "ema_decays must lie in [0, 1)"),
     (["--recipe", "tiny", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),

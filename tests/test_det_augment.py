@@ -2,22 +2,25 @@
 to end: branch frequencies and sizes, masks that follow the image through resize and crop, and a short run on the
 demo COCO set (weights with the stage norms left fresh, crop branch, bitmask masks, heads and norms, AP)."""
 
+import importlib
+
 import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 
-from downstream.det.augment import RandomBranch, build_train_augmentation, build_train_mapper  # shims detectron2
+from downstream.det.augment import RandomBranch, build_train_augmentation, build_train_mapper
 from downstream.det.config import load_config
 from downstream.det.data import DetDemoSpec, make_det_demo
 from downstream.det.train import run as train_run
 from pretrain.runtime.errors import UsageError
 from pretrain.runtime.result import read_result
 
-from detectron2.data import detection_utils as utils  # noqa: I001  (after the suite's compatibility shims)
-from detectron2.data import transforms as T
-from detectron2.structures import BitMasks, BoxMode
+# Detectron2 modules, imported after downstream.det has applied its compatibility shims
+T = importlib.import_module("detectron2.data.transforms")
+utils = importlib.import_module("detectron2.data.detection_utils")
+structures = importlib.import_module("detectron2.structures")
 
 CONVNEXT = "mask_rcnn_convnext_base_FPN_3x"
 SIZES_A = tuple(range(480, 801, 32))
@@ -73,7 +76,7 @@ def sample(tmp_path) -> dict:
     Image.fromarray(rng.integers(0, 255, (96, 160, 3), dtype=np.uint8)).save(path)
     polygon = [20.0, 10.0, 150.0, 30.0, 60.0, 90.0]
     return {"file_name": str(path), "height": 96, "width": 160, "image_id": 1, "annotations": [
-        {"bbox": [20.0, 10.0, 130.0, 80.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0,
+        {"bbox": [20.0, 10.0, 130.0, 80.0], "bbox_mode": structures.BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0,
          "segmentation": [polygon]}]}
 
 
@@ -85,7 +88,9 @@ def test_bitmask_mapper_rasterises_polygons_where_detectron2_would(sample):
     for fmt in ("bitmask", "polygon"):
         cfg = load_config(CONVNEXT, [*SMALL, "INPUT.CROP_BRANCH.ENABLED", "False", "INPUT.MASK_FORMAT", fmt])
         masks = build_train_mapper(cfg)(dict(sample))["instances"].gt_masks
-        mask_of[fmt] = masks.tensor if isinstance(masks, BitMasks) else BitMasks.from_polygon_masks(masks, 96, 160).tensor
+        bitmasks = masks if isinstance(masks, structures.BitMasks) else structures.BitMasks.from_polygon_masks(
+            masks, 96, 160)
+        mask_of[fmt] = bitmasks.tensor
     assert mask_of["bitmask"].shape == (1, 96, 160) and mask_of["bitmask"].sum() > 1000
     assert torch.equal(mask_of["bitmask"], mask_of["polygon"])
 

@@ -54,7 +54,7 @@ def test_table_values(models):
     assert one.INPUT.CROP.SIZE == [384, 600] and not one.INPUT.CROP.ENABLED
     assert (published.SOLVER.BASE_LR, published.SOLVER.LAYER_DECAY, published.SOLVER.GAMMA) == (2.5e-4, 0.6, 0.25)
     assert (published.SOLVER.MAX_ITER, published.SOLVER.STEPS) == (90000, (60000, 80000))
-    assert (convnext.INPUT.MIN_SIZE_TRAIN, convnext.INPUT.MAX_SIZE_TRAIN) == (tuple(range(480, 801, 32)), 1333)
+    assert (tuple(range(480, 801, 32)), 1333) == (convnext.INPUT.MIN_SIZE_TRAIN, convnext.INPUT.MAX_SIZE_TRAIN)
 
 
 def _layer_of(groups: list[dict], model: torch.nn.Module) -> dict[str, int]:

@@ -7,11 +7,11 @@ a batch to 1e-6. Models are timm's, on the meta device where only names and shap
 """
 
 import numpy as np
+import published_rules as ref
 import pytest
 import timm
 import torch
 
-import published_rules as ref
 from downstream.cls.config import ClsConfig, resolve_config
 
 # --- the suite, each entry point in one place (the schedule may move to a shared module)

@@ -7,10 +7,10 @@ parameter, exactly (lr to 1e-12 relative). And the ConvNeXt schedule against mmc
 Models are built on the meta device: only names, shapes and module types matter.
 """
 
+import published_rules as ref
 import pytest
 import torch
 
-import published_rules as ref
 from downstream.det.config import adapt_to_run, load_config  # applies the Detectron2 compatibility shims
 from downstream.det.engine import DetTrainer
 
@@ -88,7 +88,7 @@ def test_convnext_schedule_is_mmdets_step_policy_with_linear_warmup():
     cfg = load_config("mask_rcnn_convnext_base_FPN_3x")
     solver = cfg.SOLVER
     warmup, ratio, steps = 500, 0.001, solver.STEPS
-    assert (solver.WARMUP_ITERS, solver.WARMUP_FACTOR, solver.WARMUP_METHOD) == (warmup, ratio, "linear")
+    assert (warmup, ratio, "linear") == (solver.WARMUP_ITERS, solver.WARMUP_FACTOR, solver.WARMUP_METHOD)
     for iteration in (0, 1, 250, 499, 500, 501, steps[0] - 1, steps[0], steps[1] - 1, steps[1], solver.MAX_ITER - 1):
         regular = solver.GAMMA ** sum(iteration >= s for s in steps)
         factor = 1 - (1 - iteration / warmup) * (1 - ratio) if iteration < warmup else 1.0

@@ -86,7 +86,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: ClsConfig, steps_per_e
     does (tests/test_parity_cls.py)."""
     total = cfg.epochs * steps_per_epoch
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup - 1, 1), lr_min=cfg.peak_lr * cfg.min_lr_ratio,
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup - 1, 1),
+                                  lr_min=cfg.peak_lr * cfg.min_lr_ratio,
                                   warmup_t=warmup, warmup_lr_init=cfg.peak_lr * cfg.warmup_lr_ratio,
                                   warmup_prefix=True, t_in_epochs=False)
 
