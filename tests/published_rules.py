@@ -64,18 +64,25 @@ def spark_resnet_layer(name: str, blocks2: int, blocks3: int) -> tuple[int, int]
     return layer, top + 1 - layer
 
 
-def official_convnext_name(timm_name: str) -> str:
-    """The name a timm ConvNeXt parameter has in the official ConvNeXt classifier the published code fine-tunes
-    (downstream_imagenet/models/convnext_official.py: ``downsample_layers.0`` is the stem, ``downsample_layers.i``
-    the i-th downsampling, ``stages.i.j`` block j, then ``norm`` and ``head``)."""
-    rules = ((r"stem\.(.*)", r"downsample_layers.0.\1"),
-             (r"stages\.(\d)\.downsample\.(.*)", r"downsample_layers.\1.\2"),
-             (r"stages\.(\d)\.blocks\.(\d+)\.(.*)", r"stages.\1.\2.\3"), (r"head\.norm\.(.*)", r"norm.\1"),
-             (r"head\.fc\.(.*)", r"head.\1"))
+def _rename(name: str, rules: tuple[tuple[str, str], ...], what: str) -> str:
     for pattern, replacement in rules:
-        if re.fullmatch(pattern, timm_name):
-            return re.sub(pattern, replacement, timm_name)
-    raise KeyError(f"no official ConvNeXt name for {timm_name}")
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, replacement, name)
+    raise KeyError(f"no {what} name for {name}")
+
+
+# timm ConvNeXt names -> the official ConvNeXt's (downstream_imagenet/models/convnext_official.py and the ConvNeXt
+# repository's mmdet backbone): ``downsample_layers.0`` is the stem, ``downsample_layers.i`` the i-th downsampling,
+# ``stages.i.j`` block j of stage i; the classifier's ``norm`` and ``head`` last.
+OFFICIAL_CONVNEXT_NAMES = ((r"stem\.(.*)", r"downsample_layers.0.\1"),
+                           (r"stages\.(\d)\.downsample\.(.*)", r"downsample_layers.\1.\2"),
+                           (r"stages\.(\d)\.blocks\.(\d+)\.(.*)", r"stages.\1.\2.\3"),
+                           (r"head\.norm\.(.*)", r"norm.\1"), (r"head\.fc\.(.*)", r"head.\1"))
+
+
+def official_convnext_name(timm_name: str) -> str:
+    """The name a timm ConvNeXt parameter has in the official ConvNeXt the published code fine-tunes."""
+    return _rename(timm_name, OFFICIAL_CONVNEXT_NAMES, "official ConvNeXt")
 
 
 def spark_convnext_layer(official: str, stage3_blocks: int) -> tuple[int, int]:
@@ -243,17 +250,12 @@ def mmdet_groups(params: Iterable[tuple[str, nn.Parameter]], base_lr: float, wei
 
 def mmdet_name(suite_name: str) -> str:
     """The mmdet name of a parameter of the suite's Detectron2 ConvNeXt Mask R-CNN (timm backbone): the ConvNeXt
-    backbone of object_detection/mmdet/models/backbones/convnext.py for the bottom-up part (stem and downsampling
-    in ``downsample_layers``, blocks in ``stages.i.j``, stage-output norms ``norm0..3``), ``neck``/``rpn_head``/
-    ``roi_head`` for the rest (their inner names do not matter to the rule)."""
+    backbone of object_detection/mmdet/models/backbones/convnext.py for the bottom-up part (official names under
+    ``backbone.``, stage-output norms ``backbone.norm0..3``), ``neck``/``rpn_head``/``roi_head`` for the rest (their
+    inner names do not matter to the rule)."""
     body = "backbone.bottom_up.model."
-    rules = ((body + r"stem\.(.*)", r"backbone.downsample_layers.0.\1"),
-             (body + r"stages\.(\d)\.downsample\.(.*)", r"backbone.downsample_layers.\1.\2"),
-             (body + r"stages\.(\d)\.blocks\.(\d+)\.(.*)", r"backbone.stages.\1.\2.\3"),
-             (r"backbone\.bottom_up\.(norm\d\..*)", r"backbone.\1"),
-             (r"backbone\.(fpn_.*)", r"neck.\1"), (r"proposal_generator\.(.*)", r"rpn_head.\1"),
-             (r"roi_heads\.(.*)", r"roi_head.\1"))
-    for pattern, replacement in rules:
-        if re.fullmatch(pattern, suite_name):
-            return re.sub(pattern, replacement, suite_name)
-    raise KeyError(f"no mmdet name for {suite_name}")
+    if suite_name.startswith(body):
+        return "backbone." + official_convnext_name(suite_name[len(body):])
+    rules = ((r"backbone\.bottom_up\.(norm\d\..*)", r"backbone.\1"), (r"backbone\.(fpn_.*)", r"neck.\1"),
+             (r"proposal_generator\.(.*)", r"rpn_head.\1"), (r"roi_heads\.(.*)", r"roi_head.\1"))
+    return _rename(suite_name, rules, "mmdet")
