@@ -51,12 +51,13 @@ class Architecture:
 
 def _tail_keys(model: nn.Module) -> tuple[str, ...]:
     """Keys that :meth:`prune_intermediate_layers` removes after the last four stages (none if unsupported)."""
-    before = set(model.state_dict())
+    before = list(model.state_dict())
     try:
         model.prune_intermediate_layers(STAGES, prune_norm=True, prune_head=True)
     except (AttributeError, NotImplementedError, AssertionError, TypeError):
         return ()
-    return tuple(sorted(before - set(model.state_dict())))
+    after = set(model.state_dict())
+    return tuple(k for k in before if k not in after)
 
 
 def architecture(name: str) -> Architecture:
@@ -85,11 +86,26 @@ def fit_problems(state: Mapping[str, torch.Tensor], arch: Architecture) -> list[
             (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys]
 
 
+def _stem_present(state: Mapping[str, torch.Tensor], name: str) -> bool:
+    """Whether ``state`` has the first convolution of timm ``name`` (from its registry entry, nothing built)."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    first = cfg.first_conv if cfg is not None else None
+    return not isinstance(first, str) or f"{first}.weight" in state
+
+
 def match_architecture(state: Mapping[str, torch.Tensor],
                        rename: Callable[[Mapping[str, torch.Tensor], Architecture], Mapping[str, torch.Tensor]],
-                       candidates: Iterable[str] = SUITE_ARCHITECTURES) -> str | None:
-    """The first of ``candidates`` whose keys and shapes ``state`` (after ``rename``) fits exactly, else None."""
+                       candidates: Iterable[str] = SUITE_ARCHITECTURES, named_as_timm: bool = True) -> str | None:
+    """The first of ``candidates`` whose keys and shapes ``state`` (after ``rename``) fits exactly, else None.
+
+    ``named_as_timm``: ``state`` has timm's names already, so candidates whose first convolution it lacks are
+    skipped without building them.
+    """
     for name in candidates:
+        if named_as_timm and not _stem_present(state, name):
+            continue
         arch = architecture(name)
         try:
             renamed = rename(state, arch)

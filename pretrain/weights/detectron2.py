@@ -89,7 +89,7 @@ def _tensors(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         if isinstance(value, np.ndarray) and value.dtype != object:
-            out[key] = torch.from_numpy(np.ascontiguousarray(value))
+            out[key] = torch.from_numpy(value.copy())  # a C-contiguous, writable copy of the same shape
         elif isinstance(value, torch.Tensor):
             out[key] = value
     return out

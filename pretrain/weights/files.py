@@ -42,6 +42,8 @@ SAFE_GLOBALS: tuple[tuple[Any, str], ...] = (
     (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
     (np._core.multiarray.scalar, "numpy._core.multiarray.scalar"),
     (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    (np._core.numeric._frombuffer, "numpy._core.numeric._frombuffer"),  # arrays pickled with protocol 5
+    (np._core.numeric._frombuffer, "numpy.core.numeric._frombuffer"),
     *((dtype, f"numpy.dtypes.{dtype.__name__}") for dtype in _NUMPY_DTYPES),
 )
 # What a Detectron2 pickle may name besides SAFE_GLOBALS' numpy entries: builtin containers and bytes decoding.

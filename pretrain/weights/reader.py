@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 LAYOUTS: tuple[Layout, ...] = (PRETRAINING, FINETUNING, ENCODER_FILE, TIMM_CHECKPOINT, HUB_FOLDER, SPARK_STYLE,
                                DETECTRON2_MODEL, DETECTRON2_PICKLE, WRAPPED, CONVNEXT_OFFICIAL, STATE_DICT)
 FOUND_KEYS = 6  # keys named when a file fits no layout
+NAMING_FAMILIES = {"convnext-official": "convnext", "detectron2-resnet": "resnet"}  # names that imply a family
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ def _trained(found: Found) -> dict[str, torch.Tensor]:
     return {k: v for k, v in found.state_dict.items() if k not in found.untrained}
 
 
+def _match(found: Found, candidates: tuple[str, ...] = SUITE_ARCHITECTURES) -> str | None:
+    """The suite architecture ``found``'s keys and shapes fit (a naming other than timm's names its family)."""
+    family = NAMING_FAMILIES.get(found.naming)
+    candidates = tuple(name for name in candidates if family is None or name.startswith(family))
+    return match_architecture(_trained(found), lambda s, arch: to_timm_names(s, found.naming, arch), candidates,
+                              named_as_timm=found.naming == "timm")
+
+
 def _model_name(path: str, layout: Layout, found: Found, model: str | None) -> str:
     """The architecture: the file's own name (checked against ``model``), else ``model``, else matched by keys."""
     if found.model_name and model and found.model_name != model:
@@ -107,8 +116,7 @@ def _model_name(path: str, layout: Layout, found: Found, model: str | None) -> s
         return found.model_name or model
     if not found.state_dict:
         raise WeightsError(f"{path} ({layout.name}) holds no backbone in timm's or a Detectron2 ResNet's names")
-    state = _trained(found)
-    matched = match_architecture(state, lambda s, arch: to_timm_names(s, found.naming, arch))
+    matched = _match(found)
     if matched is None:
         raise WeightsError(f"{path} ({layout.name}; its keys and shapes match none of {', '.join(SUITE_ARCHITECTURES)})"
                            " names no architecture: pass --model NAME")
@@ -116,8 +124,7 @@ def _model_name(path: str, layout: Layout, found: Found, model: str | None) -> s
 
 
 def _misfit(path: str, layout: Layout, found: Found, name: str, problems: list[str]) -> WeightsError:
-    others = [n for n in SUITE_ARCHITECTURES if n != name]
-    matched = match_architecture(_trained(found), lambda s, arch: to_timm_names(s, found.naming, arch), others)
+    matched = _match(found, tuple(n for n in SUITE_ARCHITECTURES if n != name))
     hint = f"; its keys and shapes match timm {matched}" if matched else ""
     return WeightsError(f"{path} ({layout.name}) does not fit timm {name}: " + "; ".join(problems) + hint)
 
