@@ -26,8 +26,7 @@ import torch
 from ..runtime.checkpoint import CheckpointError
 from . import TRUST_FLAG
 
-__all__ = ["HUB_CONFIG", "ArchitectureMismatch", "HubFolder", "NumpyUnpickler", "WeightsError",
-           "read_file"]
+__all__ = ["HUB_CONFIG", "ArchitectureMismatch", "HubFolder", "NumpyUnpickler", "WeightsError", "read_file"]
 
 HUB_CONFIG = "config.json"
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # timm's preferred names in a Hub folder, first found
@@ -52,6 +51,7 @@ _PICKLE_BUILTINS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): codecs.encode,
 }
+
 
 class WeightsError(CheckpointError):
     """A weights file that is missing, unreadable, unsafe to read, of no known layout or of another architecture."""
