@@ -20,6 +20,10 @@ __all__ = ["SPARK_CONFIG_KEYS", "SparK", "Densify", "Reconstruction", "patchify"
 MASKINGS = ("sparse", "zero")
 LOSS_ON = ("masked", "all")
 DENSIFY_NORMS = ("auto", "bn", "ln", "none")
+# Where densifying projects: "width" only where encoder and decoder widths differ (section 3.2: "in case encoder
+# and decoder have different network widths"); "published" at every scale but the coarsest when widths match, as
+# the published code does (its ConvNeXt-S decoder has 3x3 projections between equal widths).
+DENSIFY_PROJS = ("width", "published")
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
@@ -42,11 +46,12 @@ class Densify(nn.Module):
 
     Normalises visible sites (BatchNorm over visible sites, or per-site LayerNorm), fills masked
     sites with a learnable mask token, optionally adds a learnable absolute positional embedding,
-    and projects to the decoder width (``kernel_size`` conv, identity when widths match).
+    and projects to the decoder width (``kernel_size`` conv; identity when widths match, unless ``project``).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, norm: str, kernel_size: int, pos_embed_size: tuple[int, int] | None
+        self, in_channels: int, out_channels: int, norm: str, kernel_size: int, pos_embed_size: tuple[int, int] | None,
+        project: bool = False,
     ) -> None:
         super().__init__()
         self.norm_kind = norm
@@ -58,7 +63,7 @@ class Densify(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, in_channels, *pos_embed_size))
             trunc_normal_(self.pos_embed, std=0.02)
         self.proj: nn.Module = nn.Identity()
-        if in_channels != out_channels:
+        if in_channels != out_channels or project:
             self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=True)
 
     def forward(self, feat: torch.Tensor, visible: torch.Tensor | None, sync_bn: bool = True) -> torch.Tensor:
@@ -92,6 +97,8 @@ class SparK(nn.Module):
     Ablations of table 5: ``masking='zero'`` feeds the zeroed image to the dense encoder;
     ``hierarchy=False`` decodes from the coarsest map only; ``ape=True`` adds learnable absolute
     positional embeddings to the densified maps; ``loss_on='all'`` also counts visible patches.
+    ``densify_proj='published'`` keeps a projection between equal widths below the coarsest scale, as the
+    published code does (to load its released decoders).
     """
 
     def __init__(
@@ -106,9 +113,11 @@ class SparK(nn.Module):
         loss_on: str = "masked",
         input_size: int = 224,
         pix_norm_eps: float = 1e-6,
+        densify_proj: str = "width",
     ) -> None:
         super().__init__()
         _check_choice("masking", masking, MASKINGS)
+        _check_choice("densify_proj", densify_proj, DENSIFY_PROJS)
         _check_choice("loss_on", loss_on, LOSS_ON)
         _check_choice("densify_norm", densify_norm, DENSIFY_NORMS)
         if not 0.0 <= mask_ratio < 1.0:
@@ -134,6 +143,7 @@ class SparK(nn.Module):
                 self.densify_norm,
                 kernel_size=1 if i == 0 else 3,
                 pos_embed_size=(input_size // self.patch_size * 2**i,) * 2 if ape else None,
+                project=densify_proj == "published" and i > 0,
             )
             for i in range(scales)
         )
@@ -246,7 +256,7 @@ def build_spark(
 
 # Keys of a pretraining config (``config.json``, a checkpoint's ``config``) that shape the SparK model.
 SPARK_CONFIG_KEYS = ("decoder_width", "input_size", "drop_path_rate", "mask_ratio", "densify_norm", "masking",
-                     "sparse_backend", "hierarchy", "ape", "loss_on")
+                     "sparse_backend", "hierarchy", "ape", "loss_on", "densify_proj")
 
 
 def build_spark_from_config(config: Mapping[str, Any], **overrides: Any) -> SparK:

@@ -1,6 +1,7 @@
-"""Figure 4 of the paper from a pretraining checkpoint: raw | masked | prediction + visible | prediction.
+"""Figure 4 of the paper from weights with SparK's decoder: raw | masked | prediction + visible | prediction.
 
-``python -m pretrain.visualize --ckpt runs/x/checkpoint-last.pth --images DIR --out recon.png``
+``python -m pretrain.visualize --weights runs/x/checkpoint-last.pth --images DIR --out recon.png`` (also a released
+``*_withdecoder_1kpretrained_spark_style.pth``; ``--ckpt`` is an alias of ``--weights``)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .data import ImageFolderDataset, build_eval_dataset, denormalize
 from .encoder import SparseEncoder
 from .runtime.cli import ArgumentParser, run_cli, setup_logging
 from .spark import SparK
+from .weights import TRUST_FLAG
 
 __all__ = ["draw_reconstructions", "main", "reconstruction_figure"]
 
@@ -104,7 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
             "with visible patches pasted back, and the pure prediction."
         ),
     )
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by pretraining (.pth)")
+    parser.add_argument("--weights", "--ckpt", dest="weights", type=Path, required=True,
+                        help="weights with SparK's decoder: a pretraining checkpoint-last.pth or a released "
+                             "*_withdecoder_1kpretrained_spark_style.pth (--ckpt: the same)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help="unpickle --weights fully even if it holds Python "
+                        "objects beyond tensors and plain values (that can run code: only for files you trust)")
     parser.add_argument("--images", type=Path, required=True, help="image folder (ImageNet layout or flat)")
     parser.add_argument("--out", type=Path, required=True, help="output figure; format from its suffix (.png, .pdf)")
     parser.add_argument("--num", type=_positive_int, default=4, help="number of images (default %(default)s)")
@@ -136,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _draw(args: argparse.Namespace) -> None:
-    model, config = load_spark_checkpoint(args.ckpt, mask_ratio=args.mask_ratio)
+    model, config = load_spark_checkpoint(args.weights, mask_ratio=args.mask_ratio, trust=args.trust_weights)
     size = args.input_size or config["input_size"]
     images = _pick_images(build_eval_dataset(args.images, size), args.num, torch.Generator().manual_seed(args.seed))
     model, images = model.to(args.device), images.to(args.device)

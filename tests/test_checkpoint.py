@@ -58,12 +58,17 @@ def test_rng_round_trip():
 
 @pytest.mark.parametrize("name", ["resnet18", "convnext_atto"])
 def test_encoder_file_loads_strict_into_timm(tmp_path, name):
+    """encoder_timm.pth holds every key of timm's 1000-class model: the encoder's, plus a classifier at timm's
+    initialisation that meta lists as untrained; headless models load it with exactly that classifier left over."""
     spark = build_spark(name, decoder_width=64, input_size=64)
     path = str(tmp_path / "encoder_timm.pth")
     save_torch(path, encoder_payload(spark.encoder_state_dict(), spark.encoder.model_name, {"epoch": 3}))
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    assert saved["model_name"] == name and saved["meta"] == {"epoch": 3}
-    model = timm.create_model(saved["model_name"], num_classes=0)
+    head = {"resnet18": ["fc.bias", "fc.weight"], "convnext_atto": ["head.fc.bias", "head.fc.weight"]}[name]
+    assert saved["model_name"] == name and saved["meta"] == {"epoch": 3, "untrained": head}
+    model = timm.create_model(saved["model_name"])
     model.load_state_dict(saved["state_dict"], strict=True)
-    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in model.state_dict().items())
-    timm.models.load_checkpoint(timm.create_model(name, num_classes=0), path, strict=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in spark.encoder_state_dict().items())
+    timm.models.load_checkpoint(timm.create_model(name), path, strict=True)
+    headless = timm.create_model(name, num_classes=0).load_state_dict(saved["state_dict"], strict=False)
+    assert not headless.missing_keys and sorted(headless.unexpected_keys) == head

@@ -46,13 +46,15 @@ def test_timm_conversion_loads_with_only_the_classifier_missing(encoders, tmp_pa
     saved = torch.load(dst, weights_only=True)
     assert saved["model_name"] == name and saved["meta"]["converted_from"] == str(encoders[name])
     classifier = timm.create_model(name, num_classes=7)
-    result = classifier.load_state_dict(saved["state_dict"], strict=False)
+    trained = {k: v for k, v in saved["state_dict"].items() if k not in saved["meta"]["untrained"]}
+    result = classifier.load_state_dict(trained, strict=False)
     head = {"resnet50": ["fc.weight", "fc.bias"], "convnext_small": ["head.fc.weight", "head.fc.bias"]}[name]
     assert sorted(result.missing_keys) == sorted(head) and not result.unexpected_keys
     report = load_timm_weights(timm.create_model(name, num_classes=7), dst)
     assert isinstance(report, LoadReport) and sorted(report.missing) == sorted(head) and report.model_name == name
-    source = torch.load(encoders[name], weights_only=True)["state_dict"]
-    assert all(torch.equal(classifier.state_dict()[k], v) for k, v in source.items())
+    source = torch.load(encoders[name], weights_only=True)
+    assert all(torch.equal(classifier.state_dict()[k], v) for k, v in source["state_dict"].items()
+               if k not in source["meta"]["untrained"])
 
 
 def test_timm_conversion_of_a_pretraining_checkpoint_and_a_classifier_state_dict(tmp_path, capsys):
@@ -102,7 +104,7 @@ def test_bad_sources_are_one_line_errors(encoders, tmp_path, capsys, case, expec
         src = tmp_path / "absent.pth"
     elif case == "no-name":
         src = tmp_path / "plain.pth"
-        torch.save(timm.create_model("resnet18").state_dict(), src)
+        torch.save(timm.create_model("resnet34").state_dict(), src)  # not one of the suite's architectures
     assert main(["timm", str(src), str(tmp_path / "dst.pth"), *extra]) == 1
     line = _error_line(capsys)
     assert expected in line

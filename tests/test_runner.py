@@ -183,7 +183,7 @@ def test_outputs_of_a_complete_run(reference):
     assert any(k.startswith("decoder.") for k in checkpoint["model"])
 
     encoder = torch.load(reference / "encoder_timm.pth", map_location="cpu", weights_only=True)
-    model = timm.create_model(encoder["model_name"], num_classes=0)
+    model = timm.create_model(encoder["model_name"])  # every key of timm's 1000-class model, the head untrained
     model.load_state_dict(encoder["state_dict"], strict=True)
     assert torch.equal(encoder["state_dict"]["conv1.weight"], checkpoint["model"]["encoder.model.conv1.weight"])
 

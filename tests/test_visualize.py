@@ -70,11 +70,15 @@ def _save(path: Path, obj) -> Path:
     [
         (lambda d: d / "missing.pth", "not found"),
         (lambda d: (d / "garbage.pth").write_bytes(b"\x00garbage") and d / "garbage.pth", "cannot read"),
-        (lambda d: _save(d / "list.pth", [1, 2]), "not a SparK checkpoint"),
-        (lambda d: _save(d / "noconf.pth", {"model": {}, "config": {"model": "resnet18"}}), "lacks input_size"),
-        (lambda d: _save(d / "wrong.pth", {"model": {"x": torch.zeros(1)}, "config": CONFIG}), "cannot rebuild"),
+        (lambda d: _save(d / "list.pth", [1, 2]), "has no known weights layout"),
+        (lambda d: _save(d / "noconf.pth", {"model": _build(CONFIG).state_dict(), "config": {"model": "resnet18"}}),
+         "lacks input_size"),
+        (lambda d: _save(d / "wrong.pth", {"model": _build(CONFIG).state_dict(),
+                                           "config": {**CONFIG, "decoder_width": 128}}),
+         "cannot build the SparK model .* of another shape"),
+        (lambda d: _save(d / "encoder.pth", _build(CONFIG).encoder_state_dict()), "holds no SparK decoder"),
     ],
-    ids=["missing", "garbage", "not-a-dict", "config-keys", "weights"],
+    ids=["missing", "garbage", "not-a-dict", "config-keys", "weights", "encoder-only"],
 )
 def test_bad_checkpoint_raises_checkpoint_error(tmp_path, make, message):
     path = make(tmp_path)

@@ -49,9 +49,11 @@ class ClsConfig(TrainingRunConfig):
     model: str = setting("timm model name of the classifier")
     protocol: str = setting("finetune (all weights train) or linear (frozen backbone in eval mode, linear head)",
                             choices=PROTOCOLS)
-    weights: str = setting("pretrained weights (python -m downstream.convert timm output, encoder_timm.pth, a "
-                           "pretraining checkpoint; with --eval-only also a fine-tuning checkpoint), or 'none' for "
-                           "random initialisation", "")
+    weights: str = setting("pretrained weights: any file python -m downstream.convert reads (encoder_timm.pth, a "
+                           "pretraining checkpoint, a timm checkpoint, the released SparK files...; with --eval-only "
+                           "a fine-tuning checkpoint or a classifier), or 'none' for random initialisation", "")
+    trust_weights: bool = setting("unpickle --weights fully even if it holds Python objects beyond tensors and plain "
+                                  "values (that can run code from the file: only for files you trust)", False)
     data: str = setting("data root holding train/ and val/ in ImageNet layout (class sub-folders)", "")
     eval_only: bool = setting("only evaluate --weights on val/ and write result.json", False)
     # --- images

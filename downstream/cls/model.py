@@ -1,8 +1,9 @@
 """The classifier of a run: timm model, pretrained weights, linear-probe freezing, weight EMAs, SyncBN.
 
-Weights are read through :mod:`downstream.convert` (one reader for SparK checkpoints, ``encoder_timm.pth``,
-converted files, timm checkpoints) and loaded with only the classifier missing; a fine-tuning checkpoint of this
-stage (``checkpoint-last.pth`` of ``python -m downstream.cls``) is recognised by its ``stage`` entry.
+Weights are read through :func:`pretrain.weights.read_weights` (every layout the suite knows: its own checkpoints,
+``encoder_timm.pth``, timm checkpoints, the released SparK files...) and loaded with only the classifier missing; a
+fine-tuning checkpoint of this stage (``checkpoint-last.pth`` of ``python -m downstream.cls``) also gives its EMAs
+to ``--eval-only``.
 """
 
 from __future__ import annotations
@@ -18,20 +19,18 @@ from timm.layers import convert_sync_batchnorm
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from downstream.convert import ConvertError, load_timm_weights, read_timm_weights
-from pretrain.checkpoint import EncoderWeights
-from pretrain.runtime.checkpoint import CheckpointError, load_torch
+from downstream.convert.to_timm import ConvertError, load_timm_weights, read_for_model
 from pretrain.runtime.config import ConfigError
 from pretrain.runtime.distributed import DistEnv
 from pretrain.syncbn import sync_batchnorm
+from pretrain.weights.suite import STAGE_KEY
 
 from .config import ClsConfig
 
 __all__ = ["STAGE_KEY", "EmaBank", "build_classifier", "describe_weights", "freeze_backbone", "load_for_evaluation",
-           "load_pretrained", "read_cls_checkpoint", "set_train_mode", "synchronise_batchnorm"]
+           "load_pretrained", "set_train_mode", "synchronise_batchnorm"]
 
 logger = logging.getLogger(__name__)
-STAGE_KEY = "stage"  # checkpoint entry marking a fine-tuning checkpoint of this stage (value "cls")
 
 
 def build_classifier(cfg: ClsConfig, num_classes: int) -> nn.Module:
@@ -49,54 +48,27 @@ def build_classifier(cfg: ClsConfig, num_classes: int) -> nn.Module:
             from error
 
 
-def read_cls_checkpoint(path: str) -> dict[str, Any] | None:
-    """The content of ``path`` if it is a checkpoint of this stage, else None (other files, or unreadable ones:
-    :mod:`downstream.convert` then names their problem)."""
-    try:
-        loaded = load_torch(path)
-    except CheckpointError:
-        return None
-    return loaded if isinstance(loaded, dict) and loaded.get(STAGE_KEY) == "cls" else None
-
-
-def _cls_weights(checkpoint: dict[str, Any], path: str) -> EncoderWeights:
-    return EncoderWeights(checkpoint["config"]["model"], dict(checkpoint["model"]),
-                          {"source": "fine-tuning checkpoint", "path": path, "epoch": checkpoint.get("epoch")})
-
-
 def load_pretrained(model: nn.Module, cfg: ClsConfig) -> str:
     """Load ``cfg.weights`` into ``model`` with only the classifier left missing; returns what was loaded.
 
-    Raises :class:`ConvertError` / :class:`CheckpointError` (one line) for files that are missing, unreadable, of
-    another architecture or with keys that do not fit.
+    Raises :class:`~pretrain.weights.WeightsError` (one line) for files that are missing, unreadable, unsafe to
+    unpickle (without ``cfg.trust_weights``), of another architecture or with keys that do not fit.
     """
     if cfg.weights == "none":
         return "none: random initialisation"
-    checkpoint = read_cls_checkpoint(cfg.weights)
-    source = _cls_weights(checkpoint, cfg.weights) if checkpoint else cfg.weights
-    if checkpoint and checkpoint["config"]["model"] != cfg.model:
-        raise ConvertError(f"{cfg.weights} holds {checkpoint['config']['model']} weights; the model is {cfg.model}")
-    report = load_timm_weights(model, source, cfg.model)
-    return report.describe()
+    return load_timm_weights(model, cfg.weights, cfg.model, trust=cfg.trust_weights).describe()
 
 
 def load_for_evaluation(model: nn.Module, cfg: ClsConfig) -> tuple[dict[str, dict[str, torch.Tensor]], int | None]:
     """The state dicts to evaluate from ``cfg.weights`` (``{"model": ..., "ema0.9999": ...}``) and their epoch.
 
-    A checkpoint of this stage gives its model and EMAs; other files (a timm checkpoint or state dict) must
-    hold a classifier for this data's classes. Every state dict is checked strictly against ``model``.
+    A checkpoint of this stage gives its model and EMAs (a timm checkpoint its ``state_dict_ema``); other files
+    must hold a classifier for this data's classes. Every state dict is checked strictly against ``model``.
     """
     if cfg.weights in ("", "none"):
         raise ConfigError("--eval-only needs --weights FILE (a fine-tuning checkpoint or classifier weights)")
-    checkpoint = read_cls_checkpoint(cfg.weights)
-    if checkpoint:
-        states = {"model": checkpoint["model"], **EmaBank.states_in(checkpoint.get("ema") or {})}
-        name, epoch = checkpoint["config"]["model"], checkpoint.get("epoch")
-    else:
-        weights = read_timm_weights(cfg.weights, cfg.model)
-        states, name, epoch = {"model": weights.state_dict}, weights.model_name, weights.meta.get("epoch")
-    if name and name != cfg.model:
-        raise ConvertError(f"{cfg.weights} holds {name} weights; the model is {cfg.model}")
+    weights = read_for_model(cfg.weights, cfg.model, trust=cfg.trust_weights)
+    states = {"model": weights.state_dict, **weights.variants}
     for label, state in states.items():
         try:
             model.load_state_dict(state, strict=True)
@@ -105,7 +77,7 @@ def load_for_evaluation(model: nn.Module, cfg: ClsConfig) -> tuple[dict[str, dic
             raise ConvertError(f"{cfg.weights} ({label}) does not fit {cfg.model} with {cfg.num_classes} classes "
                                f"(--eval-only needs a trained classifier, e.g. a fine-tuning checkpoint-last.pth): "
                                f"{detail}") from error
-    return states, epoch
+    return states, weights.meta.get("epoch")
 
 
 def freeze_backbone(model: nn.Module) -> list[str]:
@@ -165,12 +137,6 @@ class EmaBank:
             raise ValueError(f"the checkpoint holds EMAs {sorted(state)}, this run tracks {sorted(self.emas)}")
         for name, ema in self.emas.items():
             ema.load_state_dict(state[name])
-
-    @staticmethod
-    def states_in(state: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
-        """The averaged models' own state dicts (``module.`` prefix removed) of a saved :meth:`state_dict`."""
-        return {name: {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
-                for name, ema in state.items()}
 
 
 def describe_weights(path: str) -> str:

@@ -1,8 +1,11 @@
-"""Converters of pretrained weights for the downstream stages (``python -m downstream.convert {timm,detectron2}``).
+"""Converters of pretrained weights for the downstream stages (``python -m downstream.convert {timm,detectron2,hf}``).
 
-- :mod:`.to_timm`: SparK checkpoints or ``encoder_timm.pth`` -> a checked timm state dict, and
-  :func:`load_timm_weights` to load one into a timm classifier with a report of the missing head;
-- :mod:`.to_detectron2`: timm ResNet weights -> Detectron2's pickle format.
+Every source is read by :func:`pretrain.weights.read_weights` (any layout it knows).
+
+- :mod:`.to_timm`: -> a checked timm file (the ``encoder_timm.pth`` format), and :func:`load_timm_weights` to load
+  weights into a timm classifier with a report of the missing head;
+- :mod:`.to_detectron2`: timm ResNet weights -> Detectron2's pickle format;
+- ``hf``: a Hugging Face Hub folder for timm (:func:`pretrain.weights.write_hub_folder`).
 
 Names are imported on first use, so importing this package imports neither torch nor timm.
 """

@@ -180,8 +180,9 @@ class DetTrainer(DefaultTrainer):
         return [CommonMetricPrinter(self.max_iter), JSONWriter(join(out, "metrics.jsonl")),
                 TensorboardXWriter(join(out, "tensorboard"))]
 
-    def resume_or_load(self, resume: bool = True, weights: str = "none") -> str:
-        """Continue from ``OUT/checkpoint-last.pth`` (``resume``) or start from ``weights``; returns what it did."""
+    def resume_or_load(self, resume: bool = True, weights: str = "none", trust: bool = False) -> str:
+        """Continue from ``OUT/checkpoint-last.pth`` (``resume``) or start from ``weights`` (``trust``: unpickle it
+        fully, ``--trust-weights``); returns what it did."""
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
             self.checkpointer.load(path)
@@ -189,7 +190,7 @@ class DetTrainer(DefaultTrainer):
             return f"resumed from {path} at iteration {self.start_iter}"
         if weights == "none":
             return "no pretrained weights: training from scratch"
-        report: WeightsReport = load_detection_weights(self.model, weights)
+        report: WeightsReport = load_detection_weights(self.model, weights, trust=trust)
         return report.describe()
 
     def _stop_agreed(self) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 from pretrain.runtime.cli import ArgumentParser, run_cli, setup_logging
 from pretrain.runtime.errors import UsageError
 from pretrain.runtime.io import atomic_write_json, join
+from pretrain.weights import TRUST_FLAG
 
 __all__ = ["EVALUATION", "build_parser", "evaluate", "main"]
 
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="COCO folder with annotations/instances_<split>.json and <split>/")
     parser.add_argument("--config", metavar="C", help="config name or YAML file (default: config.yaml beside W)")
     parser.add_argument("--split", default="val2017", help="split to evaluate (default: %(default)s)")
+    parser.add_argument(TRUST_FLAG, action="store_true", help="unpickle --weights fully even if it holds Python "
+                        "objects beyond tensors and plain values (that can run code: only for files you trust)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default: eval-<split>/ beside W)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="device (default auto: a GPU if visible)")
@@ -85,7 +88,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     cfg.SOLVER.PRECISION.AMP = "none"  # evaluation runs in fp32
     cfg.freeze()
     model = DetTrainer.build_model(cfg)
-    report = load_detection_weights(model, args.weights, evaluation=True)
+    report = load_detection_weights(model, args.weights, evaluation=True, trust=args.trust_weights)
     logger.info("%s", report.describe())
     metrics = det_metrics(evaluate_coco(cfg, model, name, out))
     document = {"weights": str(args.weights), "config": config, "coco_root": str(args.coco_root), "split": args.split,

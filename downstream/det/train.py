@@ -32,6 +32,7 @@ from pretrain.runtime.io import atomic_write_json, atomic_write_text, join
 from pretrain.runtime.result import RESULT, write_result
 from pretrain.runtime.signals import StopRequest, parse_signals
 from pretrain.runtime.stage import Outcome
+from pretrain.weights import TRUST_FLAG
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -53,9 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a shipped config name (mask_rcnn_R_50_FPN_1x, mask_rcnn_R_50_FPN_2x, "
                              "mask_rcnn_R_50_FPN_1x_published, mask_rcnn_convnext_base_FPN_3x, tiny) or a YAML file")
     parser.add_argument("--weights", required=True, metavar="W",
-                        help="pretrained weights: a Detectron2 .pkl (downstream.convert detectron2), a SparK "
-                             "checkpoint-last.pth or encoder_timm.pth (timm backbone or ResNet), a Detectron2 "
-                             "model .pth; 'none' trains from scratch")
+                        help="pretrained weights: a Detectron2 .pkl (downstream.convert detectron2) or model .pth, "
+                             "or any file python -m downstream.convert reads (encoder_timm.pth, a SparK "
+                             "checkpoint-last.pth, the released SparK files...: timm backbone or ResNet); 'none' "
+                             "trains from scratch")
+    parser.add_argument(TRUST_FLAG, action="store_true", help="unpickle --weights fully even if it holds Python "
+                        "objects beyond tensors and plain values (that can run code: only for files you trust)")
     parser.add_argument("--out", required=True, metavar="DIR", help="run folder")
     parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint-last.pth if present")
     parser.add_argument("--coco-root", metavar="DIR",
@@ -196,7 +200,7 @@ def _train(args: argparse.Namespace, stop: StopRequest) -> Outcome:
     torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
     started = time.monotonic()
     trainer = DetTrainer(cfg, stop)
-    logger.info("%s", trainer.resume_or_load(resume=args.resume, weights=str(args.weights)))
+    logger.info("%s", trainer.resume_or_load(resume=args.resume, weights=str(args.weights), trust=args.trust_weights))
     try:
         finished = trainer.train()
     except FloatingPointError as error:

@@ -1,13 +1,14 @@
 """Loading weights into a Detectron2 model: pretrained backbones to start from, trained models to evaluate.
 
-Accepted files (``--weights``):
+Every file is read by :func:`pretrain.weights.read_weights` (never running its code, unless ``trust``):
 
-- a Detectron2 ``.pkl`` (``python -m downstream.convert detectron2``, or any Detectron2-format pickle): loaded
-  by ``DetectionCheckpointer`` with its name-matching heuristics;
-- a Detectron2 ``.pth`` whose ``model`` holds full model names (``backbone.*``, ``roi_heads.*``: a trained model
-  such as ``model_final.pth``);
-- SparK / timm weights (``checkpoint-last.pth`` of pretraining, ``encoder_timm.pth``, the timm converter's output,
-  a timm state dict): put under the backbone, timm names for the timm backbone, renamed for Detectron2's ResNet.
+- a Detectron2 ``.pkl`` (``python -m downstream.convert detectron2``, or any Detectron2-format pickle) or a
+  Detectron2 ``.pth`` whose ``model`` holds full model names (``backbone.*``, ``roi_heads.*``: a trained model
+  such as ``model_final.pth``): loaded by ``DetectionCheckpointer`` (with its name-matching heuristics for
+  pickles);
+- every other layout the reader knows (``checkpoint-last.pth`` of pretraining, ``encoder_timm.pth``, a timm
+  checkpoint, the released SparK files...): its timm encoder put under the backbone, timm names for the timm
+  backbone, renamed for Detectron2's ResNet.
 
 Every load is checked: a backbone key left missing, a key the model does not have, or a shape that differs is an
 error naming the keys (when evaluating, any missing key is); heads missing when starting from a backbone are
@@ -23,16 +24,16 @@ from detectron2.checkpoint import DetectionCheckpointer
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from pretrain.runtime.checkpoint import load_torch
+from pretrain.weights import ArchitectureMismatch, Weights, read_weights
+from pretrain.weights.detectron2 import resnet_depth
 
 from ..convert.to_detectron2 import rename_resnet
-from ..convert.to_timm import ConvertError, classifier_prefixes, key_examples, read_timm_weights
+from ..convert.to_timm import ConvertError, classifier_prefixes, key_examples
 from .backbone import TimmBackbone
 
 __all__ = ["BACKBONE_PREFIX", "WeightsReport", "load_detection_weights", "unwrap"]
 
 BACKBONE_PREFIX = "backbone.bottom_up."
-MODEL_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.")
 
 
 @dataclass(frozen=True)
@@ -60,46 +61,48 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _encoder_checkpoint(model: nn.Module, path: str) -> tuple[dict[str, Any], str]:
-    """SparK/timm weights of ``path`` under the names of ``model``'s backbone; ``(checkpoint, kind)``."""
-    weights = read_timm_weights(path)
-    bottom_up = model.backbone.bottom_up
+def _backbone_name(bottom_up: nn.Module) -> str | None:
+    """The timm architecture the model's backbone expects (Detectron2's ResNet: from its block counts)."""
     if isinstance(bottom_up, TimmBackbone):
-        if weights.model_name and weights.model_name != bottom_up.model_name:
-            raise ConvertError(f"{path} holds {weights.model_name} weights; the config's timm backbone is "
-                               f"{bottom_up.model_name} (MODEL.TIMM.NAME)")
+        return bottom_up.model_name
+    depth = resnet_depth(bottom_up.state_dict())
+    return f"resnet{depth}" if depth else None
+
+
+def _read(model: nn.Module, path: str, trust: bool) -> tuple[dict[str, Any], str]:
+    """The checkpoint ``DetectionCheckpointer`` loads for ``path``, and what kind of file it was."""
+    bottom_up = model.backbone.bottom_up
+    expected = _backbone_name(bottom_up)
+    try:
+        weights: Weights = read_weights(path, expected, trust=trust, detectron2=True)
+    except ArchitectureMismatch as error:
+        setting = "timm backbone is {} (MODEL.TIMM.NAME)" if isinstance(bottom_up, TimmBackbone) else \
+            "ResNet is {} (MODEL.RESNETS.DEPTH)"
+        raise ConvertError(f"{path} holds {error.found} weights; the config's {setting.format(error.expected)}") \
+            from None
+    if weights.detectron2 is not None:
+        return weights.detectron2, weights.layout
+    if isinstance(bottom_up, TimmBackbone):
         unused = set(bottom_up.pruned)
         state = {k: v for k, v in weights.state_dict.items()
                  if k not in unused and not k.startswith(classifier_prefixes(bottom_up.model))}
-        prefix, kind = BACKBONE_PREFIX + "model.", f"timm {weights.model_name or 'weights'}"
+        prefix, kind = BACKBONE_PREFIX + "model.", f"{weights.layout}, timm {weights.model_name}"
     else:
         state, _ = rename_resnet(weights.state_dict, path)
-        prefix, kind = BACKBONE_PREFIX, f"timm {weights.model_name or 'ResNet'} renamed to Detectron2's ResNet"
+        prefix, kind = BACKBONE_PREFIX, f"{weights.layout}, timm {weights.model_name} renamed to Detectron2's ResNet"
     return {"model": {prefix + k: v for k, v in state.items()}}, kind
 
 
-def _read(checkpointer: DetectionCheckpointer, path: str) -> tuple[dict[str, Any], str]:
-    if path.endswith(".pkl"):
-        try:
-            return checkpointer._load_file(path), "Detectron2 pickle"
-        except Exception as error:  # pickle raises many types for damaged or foreign files
-            raise ConvertError(f"cannot read {path} as a Detectron2 pickle: {type(error).__name__}: {error}") from error
-    loaded = load_torch(path)
-    state = loaded.get("model") if isinstance(loaded, dict) else None
-    if isinstance(state, dict) and state and all(str(k).startswith(MODEL_PREFIXES) for k in state):
-        return {"model": state}, "Detectron2 model"
-    return _encoder_checkpoint(checkpointer.model, path)
-
-
-def load_detection_weights(model: nn.Module, path: str, evaluation: bool = False) -> WeightsReport:
+def load_detection_weights(model: nn.Module, path: str, evaluation: bool = False, trust: bool = False) -> WeightsReport:
     """Load ``path`` into ``model`` (any wrapper); returns what was loaded. :class:`ConvertError` if it does not fit.
 
     ``evaluation``: the file must set every tensor of the model (a trained model); otherwise only the backbone
-    must be complete, and head tensors of another shape (another number of classes) stay initialised.
+    must be complete, and head tensors of another shape (another number of classes) stay initialised. ``trust``:
+    unpickle the file fully even if it needs arbitrary classes (``--trust-weights``).
     """
     model = unwrap(model)
     checkpointer = DetectionCheckpointer(model)
-    checkpoint, kind = _read(checkpointer, path)
+    checkpoint, kind = _read(model, path, trust)
     count = len(checkpoint["model"])
     incompatible = checkpointer._load_model(checkpoint)
     shapes = [f"{k} {tuple(a)} vs {tuple(b)}" for k, a, b in incompatible.incorrect_shapes]
