@@ -1,6 +1,6 @@
 """Figure 4 of the paper from a pretraining checkpoint: raw | masked | prediction + visible | prediction.
 
-``python -m pretrain.visualize --ckpt runs/x/checkpoint-last.pth --images DIR --out recon.png``
+``python -m pretrain.visualize --weights runs/x/checkpoint-last.pth --images DIR --out recon.png``
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
             "with visible patches pasted back, and the pure prediction."
         ),
     )
-    parser.add_argument("--ckpt", type=Path, required=True, help="checkpoint written by pretraining (.pth)")
+    parser.add_argument("--weights", type=Path, required=True, metavar="FILE",
+                        help="checkpoint written by pretraining (checkpoint-last.pth)")
     parser.add_argument("--images", type=Path, required=True, help="image folder (ImageNet layout or flat)")
     parser.add_argument("--out", type=Path, required=True, help="output figure; format from its suffix (.png, .pdf)")
     parser.add_argument("--num", type=_positive_int, default=4, help="number of images (default %(default)s)")
@@ -136,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _draw(args: argparse.Namespace) -> None:
-    model, config = load_spark_checkpoint(args.ckpt, mask_ratio=args.mask_ratio)
+    model, config = load_spark_checkpoint(args.weights, mask_ratio=args.mask_ratio)
     size = args.input_size or config["input_size"]
     images = _pick_images(build_eval_dataset(args.images, size), args.num, torch.Generator().manual_seed(args.seed))
     model, images = model.to(args.device), images.to(args.device)

@@ -139,7 +139,7 @@ def test_overrides_show_up_and_the_lr_scales_with_the_global_batch(capsys):
     linear = _printed(capsys, "--protocol", "linear")
     assert (linear["preset"], linear["opt"], linear["peak_lr"], linear["ema_decays"], linear["mixup"]) == \
         ("linear", "momentum", 0.1 * 1024 / 256, [], 0.0)
-    assert resolve_config("tiny", {"ema_decays": [0]}).ema_decays == []  # 0: no EMA
+    assert resolve_config("tiny", {"ema_decays": [0]}).ema_decays == ()  # 0: no EMA
 
 
 @pytest.mark.parametrize(("argv", "message"), [
