@@ -23,14 +23,14 @@ class PretrainCommand(StageCommand):
     description = (
         "SparK pretraining of a timm convnet (paper section 4.1). Values come from --config (a preset) and are "
         "overridden by the flags given. Writes OUT/config.json, metrics.jsonl, tensorboard/, checkpoint-last.pth, "
-        "encoder_timm.pth and, on completion, result.json. Exit codes: 0 done (or stopped by a signal after "
-        "saving), 1 runtime error, 2 usage error.")
+        "encoder_timm.pth and, on completion, result.json.")
     schema = SCHEMA
     config_aliases = ("--preset",)
     config_default = "paper"
     config_help = ("bundled preset (paper: section 4.1, needs --data; tiny: the embedded demo) or a YAML file "
                    "[paper]")
     show_presets = BUNDLED_PRESETS
+    runner = "pretrain.runner:pretrain"
 
     def resolve(self, preset: str | None, overrides: Mapping[str, Any], target: RunTarget) -> PretrainConfig:
         return resolve_config(preset or "paper", overrides, world_size=target.world_size,
@@ -40,22 +40,12 @@ class PretrainCommand(StageCommand):
         super().check_run(cfg)
         require_data(cfg)
 
-    def facts(self, cfg: PretrainConfig, target: RunTarget) -> dict[str, Any]:
-        return {**super().facts(cfg, target), "sync_bn": target.world_size > 1}
-
-    def summary(self, cfg: PretrainConfig) -> str:
-        return f"{cfg.describe_batch()}, decoder BN {'synchronised' if cfg.world_size > 1 else 'local'}"
-
-    def execute(self, cfg: PretrainConfig, env: Any, stop: Any) -> Any:
-        from .runner import pretrain  # torch and timm load only when a run starts
-
-        return pretrain(cfg, env, stop)
+    def synced_batchnorm(self, cfg: PretrainConfig, world_size: int) -> bool:
+        return world_size > 1  # the sparse and the decoder BatchNorms sum their statistics over ranks
 
 
 COMMAND = PretrainCommand()
-build_parser = COMMAND.build_parser
-run = COMMAND.run
-main = COMMAND.main
+build_parser, run, main = COMMAND.build_parser, COMMAND.run, COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,17 +22,15 @@ __all__ = ["COMMAND", "ClsCommand", "build_parser", "main", "run"]
 class ClsCommand(StageCommand):
     """``python -m downstream.cls``: the stage contract of :mod:`pretrain.runtime.stage` for fine-tuning."""
 
-    prog = "python -m downstream.cls"
-    description = (
-        "Fine-tune (or linear-probe) a timm classifier from SparK weights on an ImageNet-layout data root (train/ "
-        "and val/). Values come from --config (a recipe) and are overridden by the flags given. Writes "
-        "OUT/config.json, metrics.jsonl, tensorboard/, checkpoint-last.pth and, on completion, result.json. Exit "
-        "codes: 0 done (or stopped by a signal after saving), 1 runtime error, 2 usage error.")
-    schema = SCHEMA
-    config_aliases = ("--recipe",)
+    schema, runner = SCHEMA, "downstream.cls.runner:finetune"
+    config_aliases, show_presets = ("--recipe",), BUNDLED_RECIPES
     config_help = (f"bundled recipe ({', '.join(BUNDLED_RECIPES)}) or a YAML file [default: linear with --protocol "
                    "linear, table8 for convnext*, else table7]")
-    show_presets = BUNDLED_RECIPES
+    prog = "python -m downstream.cls"
+    description = ("Fine-tune (or linear-probe) a timm classifier from SparK weights on an ImageNet-layout data root "
+                   "(train/ and val/), the run folder getting config.json, metrics.jsonl, tensorboard/, "
+                   "checkpoint-last.pth and, on completion, result.json. Values come from --config (a recipe), "
+                   "overridden by the flags given.")
 
     def resolve(self, preset: str | None, overrides: Mapping[str, Any], target: RunTarget) -> ClsConfig:
         return resolve_config(preset, overrides, world_size=target.world_size)
@@ -45,22 +43,12 @@ class ClsCommand(StageCommand):
                               "encoder_timm.pth, or none to train from scratch" if not cfg.eval_only else
                               "--eval-only needs --weights FILE (a fine-tuning checkpoint or classifier weights)")
 
-    def facts(self, cfg: ClsConfig, target: RunTarget) -> dict[str, Any]:
-        return {**super().facts(cfg, target), "sync_bn": cfg.sync_bn and target.world_size > 1}
-
-    def summary(self, cfg: ClsConfig) -> str:
-        return f"{cfg.describe_batch()}, SyncBN {'on' if cfg.sync_bn and cfg.world_size > 1 else 'off'}"
-
-    def execute(self, cfg: ClsConfig, env: Any, stop: Any) -> Any:
-        from .runner import finetune  # torch and timm load only when a run starts
-
-        return finetune(cfg, env, stop)
+    def synced_batchnorm(self, cfg: ClsConfig, world_size: int) -> bool:
+        return cfg.sync_bn and world_size > 1
 
 
 COMMAND = ClsCommand()
-build_parser = COMMAND.build_parser
-run = COMMAND.run
-main = COMMAND.main
+build_parser, run, main = COMMAND.build_parser, COMMAND.run, COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -41,7 +41,7 @@ from pretrain.runtime.stage import Outcome, RunTarget, StageCommand, find_resume
 
 from .config_files import adapt_norms, lookup, read_plain, shipped_configs
 
-__all__ = ["COMMAND", "DetCommand", "DetConfig", "build_parser", "main", "run"]
+__all__ = ["COMMAND", "DetCommand", "DetConfig", "build_parser", "main", "run", "train_rank"]
 
 logger = logging.getLogger(__name__)
 D2_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # a Detectron2 config key (SOLVER.MAX_ITER)
@@ -114,13 +114,13 @@ class DetCommand(StageCommand):
 
     prog = "python -m downstream.det.train"
     description = ("Fine-tune Mask R-CNN on COCO from SparK weights (tables 9, 10) with Detectron2; evaluate box and "
-                   "mask AP with pycocotools. Exit codes: 0 done (or stopped by a signal after saving), 1 runtime "
-                   "error, 2 usage error.")
+                   "mask AP with pycocotools.")
     epilog = "KEY VALUE pairs override the Detectron2 config, e.g. SOLVER.MAX_ITER 1000 SOLVER.IMS_PER_BATCH 8"
     schema = SCHEMA
     config_required = True
     config_help = f"a shipped Detectron2 config ({', '.join(shipped_configs())}) or a YAML file"
     intermixed = True
+    runner = "downstream.det.train:train_rank"
 
     def resolve(self, preset: str | None, overrides: Mapping[str, Any], target: RunTarget) -> DetConfig:
         cfg = SCHEMA.resolve(preset, overrides)
@@ -179,9 +179,6 @@ class DetCommand(StageCommand):
     def start(self, cfg: DetConfig, stop: StopRequest) -> Outcome:
         return _launch(cfg) if cfg.launches else super().start(cfg, stop)
 
-    def execute(self, cfg: DetConfig, env: Any, stop: StopRequest) -> Outcome:
-        return _train(cfg, env, stop)
-
 
 def _prepare_data(cfg: Any, coco_root: str) -> dict[str, dict]:
     """Register (``--coco-root``) or locate the config's datasets and check them; returns their counts."""
@@ -215,7 +212,7 @@ def _model_name(d2: Any) -> str:
     return d2.MODEL.TIMM.NAME if "timm" in d2.MODEL.BACKBONE.NAME else f"resnet{d2.MODEL.RESNETS.DEPTH}"
 
 
-def _train(cfg: DetConfig, env: Any, stop: StopRequest) -> Outcome:
+def train_rank(cfg: DetConfig, env: Any, stop: StopRequest) -> Outcome:
     """One rank of a run (the whole run on one process)."""
     import torch
     from detectron2.utils.env import seed_all_rng
@@ -293,9 +290,7 @@ def _launch(cfg: DetConfig) -> Outcome:
 
 
 COMMAND = DetCommand()
-build_parser = COMMAND.build_parser
-run = COMMAND.run
-main = COMMAND.main
+build_parser, run, main = COMMAND.build_parser, COMMAND.run, COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

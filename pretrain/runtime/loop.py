@@ -229,7 +229,7 @@ class Trainer:
     logger: RunLogger
     stop: StopRequest
     checkpointer: Saver
-    data: EpochData
+    data: EpochData | None = None  # needed by :meth:`run` (not by :meth:`step`)
     state: TrainState = field(default_factory=TrainState)
     hooks: list[Hook] = field(default_factory=list)
     completed: bool = False  # every epoch ran (set by :meth:`run`)
@@ -251,6 +251,8 @@ class Trainer:
         :class:`RunError` naming the step and the checkpoint kept.
         """
         state = self.state
+        if self.data is None:
+            raise ValueError("Trainer.run needs the stage's EpochData")
         if rng is not None:
             restore_rng(rng)
         else:

@@ -20,6 +20,7 @@ ranks of that device, with the precision chosen there beside it. Importing this 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,7 @@ __all__ = ["Outcome", "RunTarget", "StageCommand", "find_resume_path", "prepare_
            "target_precision"]
 
 logger = logging.getLogger(__name__)
+EXIT_CODES = "Exit codes: 0 done (or stopped by a signal after saving), 1 runtime error, 2 usage error."
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,7 @@ class StageCommand:
     intermixed: bool = False  # flags may follow trailing positional words (Detectron2's KEY VALUE pairs)
     resume_argv: tuple[str, ...] = ("--resume", "auto")  # what the sweep appends to continue a run
     checkpoint_files: tuple[str, ...] = CHECKPOINT_FILES  # their presence in OUT means a run can resume
+    runner: str = ""  # "module:function(cfg, env, stop) -> Outcome", imported when a run starts (torch, timm)
 
     # --- what a stage implements
 
@@ -158,8 +161,13 @@ class StageCommand:
         raise NotImplementedError
 
     def execute(self, cfg: RunConfig, env: Any, stop: StopRequest) -> Outcome:
-        """Run ``cfg`` on this rank (``env``: its :class:`pretrain.runtime.distributed.DistEnv`)."""
-        raise NotImplementedError
+        """Run ``cfg`` on this rank (``env``: its :class:`pretrain.runtime.distributed.DistEnv`): :attr:`runner`."""
+        module, name = self.runner.split(":")
+        return getattr(importlib.import_module(module), name)(cfg, env, stop)
+
+    def synced_batchnorm(self, cfg: RunConfig, world_size: int) -> bool | None:
+        """Whether the run synchronises BatchNorm statistics over its ranks (None: the stage does not say)."""
+        return None
 
     def check_run(self, cfg: RunConfig) -> None:
         """What a run (not ``--print-config``) needs before anything is built: ``--out``, a usable ``--resume``.
@@ -171,12 +179,16 @@ class StageCommand:
     def facts(self, cfg: RunConfig, target: RunTarget) -> dict[str, Any]:
         """What ``--print-config`` shows beside the config: the precision chosen on the target's device; stages
         add what else the target decides (SyncBN...)."""
-        return {"precision": target_precision(cfg, target).to_dict()}
+        synced = self.synced_batchnorm(cfg, target.world_size)
+        return {"precision": target_precision(cfg, target).to_dict(),
+                **({"synced_batchnorm": synced} if synced is not None else {})}
 
     def summary(self, cfg: RunConfig) -> str:
         """One line on how ``cfg`` runs on its ranks (the sweep's dry run)."""
         describe = getattr(cfg, "describe_batch", None)
-        return describe() if describe else f"{cfg.world_size} rank(s)"
+        synced = self.synced_batchnorm(cfg, cfg.world_size)
+        return (describe() if describe else f"{cfg.world_size} rank(s)") + (
+            "" if synced is None else f", BatchNorm {'synchronised over ranks' if synced else 'per rank'}")
 
     def join(self, cfg: RunConfig) -> Any:
         """This process's rank (:class:`pretrain.runtime.distributed.DistEnv`), joining the process group."""
@@ -208,7 +220,7 @@ class StageCommand:
         pre.add_argument("--config", *self.config_aliases, dest="config")
         pre.add_argument("--model")
         known, _ = pre.parse_known_args(argv)
-        parser = ArgumentParser(prog=self.prog, description=self.description, epilog=self.epilog)
+        parser = ArgumentParser(prog=self.prog, description=f"{self.description} {EXIT_CODES}", epilog=self.epilog)
         parser.add_argument("--config", *self.config_aliases, dest="config", default=self.config_default,
                             required=self.config_required, metavar="NAME|PATH", help=self.config_help)
         parser.add_argument("--print-config", action="store_true",
