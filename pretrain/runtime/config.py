@@ -227,7 +227,7 @@ class TrainingRunConfig(RunConfig):
 
     def describe_batch(self) -> str:
         """``global batch G = b x N ranks x A accum, peak lr X`` (logs, the sweep's dry run)."""
-        return (f"global batch {self.global_batch} = {self.batch_size} x {self.world_size} rank(s) x "
+        return (f"global batch {self.global_batch} = {self.batch_size} x {self.world_size} ranks x "
                 f"{self.grad_accum_steps} accum, peak lr {self.peak_lr:.3g}")
 
 
@@ -460,9 +460,12 @@ class ConfigSchema(Generic[C]):
     def to_argv(self, overrides: Mapping[str, Any]) -> list[str]:
         """Command-line arguments that reproduce ``overrides`` (for launchers)."""
         self.check_keys(overrides, "overrides")
+        positional = {f.name for f in self.fields() if f.metadata.get("positional")}
         argv: list[str] = []
         for name, value in overrides.items():
             flag = _flag(name)
+            if name in positional:
+                continue
             if isinstance(value, bool) and name != "channels_last":
                 argv.append(flag if value else "--no-" + flag[2:])
             elif isinstance(value, bool):
@@ -471,4 +474,4 @@ class ConfigSchema(Generic[C]):
                 argv += [flag, *map(str, value)]
             else:
                 argv += [flag, "none" if value is None else str(value)]
-        return argv
+        return argv + [str(v) for name in positional if name in overrides for v in overrides[name]]
