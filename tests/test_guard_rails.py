@@ -22,7 +22,7 @@ from slurm.launcher import main as launch_main
 from slurm.launcher import make_plan
 from slurm.resources import load_resources
 from slurm.state import SweepState
-from slurm.sweep import load_sweep_file
+from slurm.sweep import load_sweep, load_sweep_file
 
 
 def _error(capsys, call, code: int = 2) -> str:
@@ -102,6 +102,14 @@ def test_a_dry_run_warns_about_unfilled_placeholders_and_a_launch_refuses_them(t
     warnings = [line for line in tool.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 2 and "${imagenet}" in warnings[0] and "pass --imagenet DIR" in warnings[0]
     assert "pass --coco DIR" in warnings[1]
+    # each stage job shows its config as resolved on the job's ranks (the stage's own resolution, no torch)
+    assert "on 32 cuda rank(s): global batch 4096 = 128 x 32 ranks x 1 accum, peak lr 0.0032" in tool.stdout
+    assert "on 8 cuda rank(s): 16 images per iteration = 2 x 8 rank(s)" in tool.stdout
+    paper = run_tool(LAUNCHER, "--dry-run", "--root", str(tmp_path), "--imagenet", "/in1k", "--coco", "/coco")
+    assert paper.returncode == 0 and paper.heavy == [] and "warning" not in paper.stderr
+    stage_jobs = [e for e in load_sweep("paper").experiments.values() if e.stage != "command"]
+    resolved = [line for line in paper.stdout.splitlines() if line.startswith("     ")]
+    assert len(resolved) == len(stage_jobs) and all(line.strip().startswith("on ") for line in resolved), resolved
     sweep = _write(tmp_path, "needs.yaml", NEEDS)
     assert launch_main(["--sweep", sweep, "--dry-run", "--root", str(tmp_path), "--imagenet", "/in1k"]) == 0
     err = capsys.readouterr().err
