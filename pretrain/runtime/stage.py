@@ -19,7 +19,6 @@ ranks of that device, with the precision chosen there beside it. Importing this 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -216,7 +215,7 @@ class StageCommand:
         """The stage's parser. With ``--model`` and/or ``--config`` in ``argv``, the help shows the values that
         config gives that model (``per_model`` entries applied), else each of :attr:`show_presets` for its own
         model."""
-        pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        pre = ArgumentParser(prog=self.prog, add_help=False, allow_abbrev=False)  # its errors: one line too
         pre.add_argument("--config", *self.config_aliases, dest="config")
         pre.add_argument("--model")
         known, _ = pre.parse_known_args(argv)
