@@ -99,5 +99,5 @@ def train(cfg: TrainingRunConfig, env: DistEnv, stop: StopRequest, precision: Pr
     finally:
         run_logger.close()
     stopped = None if completed else stopped_outcome(
-        cfg.out, stop.signal_name, f"in epoch {state.epoch + 1} at iteration {state.step}")
+        cfg.out, stop.signal_name, f"at epoch {state.epoch + 1}, iteration {state.step}")
     return TrainingEnd(state, checkpointer.path, stopped)
