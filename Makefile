@@ -32,7 +32,7 @@ lint: setup
 # sbatch works, else one job after another here; then the miniature table 3 and curves in $(DEMO_DIR)/tables
 # and the figure-4 reconstructions. Re-running skips what finished; delete $(DEMO_DIR) to start over.
 demo: setup
-	$(PY) slurm/launch_all.py --stage pretrain,cls,det --sweep tiny --root $(DEMO_DIR) --tables $(DEMO_DIR)/tables --wait
+	$(PY) slurm/launch_all.py --stage pretrain,cls,det --sweep tiny --root $(DEMO_DIR) --wait
 	$(PY) -m pretrain.visualize --weights $(DEMO_DIR)/tiny-pretrain/checkpoint-last.pth \
 		--images $(DEMO_DIR)/tiny-images/images/val --out $(DEMO_DIR)/recon.png
 

@@ -9,12 +9,12 @@ it is :mod:`pretrain.runtime.config`; the result is saved with the run as ``conf
 from __future__ import annotations
 
 import argparse
-import math
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .runtime.config import ConfigError, ConfigSchema, PresetStore, TrainingRunConfig, setting
+from .runtime.config import DEMO_DATA, ConfigError, ConfigSchema, PresetStore, TrainingRunConfig, setting
 
 __all__ = [
     "SCHEMA",
@@ -24,18 +24,20 @@ __all__ = [
     "config_fields",
     "load_preset",
     "overrides_to_argv",
+    "require_data",
     "resolve_config",
 ]
 
 OPTIMIZERS = ("lamb", "adamw", "sgd")
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class PretrainConfig(TrainingRunConfig):
-    """Everything a pretraining run depends on. Hyperparameters without a default come from the preset."""
+    """Everything a pretraining run depends on. Hyperparameters without a default come from the preset; the
+    fields every training stage shares (seed, schedule, lr, batch, drop_path, scale...) are
+    :class:`TrainingRunConfig`'s."""
 
     # --- model
-    model: str = setting("timm model name of the encoder (any convnet with stride-4..32 stages)")
     input_size: int = setting("training resolution in pixels (multiple of patch_size)")
     patch_size: int = setting("mask patch size; must equal the encoder's total downsampling (32)")
     mask_ratio: float = setting("fraction of patches masked")
@@ -48,20 +50,20 @@ class PretrainConfig(TrainingRunConfig):
     hierarchy: bool = setting("decode from all four scales (false: coarsest only, table 5)")
     ape: bool = setting("add learnable absolute positional embeddings (table 5)")
     loss_on: str = setting("patches the loss covers (table 5)", choices=("masked", "all"))
-    drop_path_rate: float = setting("stochastic depth rate of the encoder")
     # --- data
-    data: str = setting("training images (ImageNet layout or a flat folder); empty: the embedded demo set", "")
-    crop_scale: list[float] = setting("RandomResizedCrop area range, two numbers", nargs=2, metavar=("LOW", "HIGH"))
+    data: str = setting(f"training images (ImageNet layout or a flat folder); '{DEMO_DATA}': the embedded demo set "
+                        "(the tiny preset's)", "")
     # --- optimisation
     opt: str = setting("optimiser (timm)", choices=OPTIMIZERS)
-    base_lr: float = setting("peak lr per 256 images; peak lr = base_lr x global_batch / 256")
-    lr: float | None = setting("absolute peak lr (overrides base_lr scaling)")
     beta1: float = setting("first Adam/LAMB moment coefficient")
     beta2: float = setting("second Adam/LAMB moment coefficient")
-    momentum: float = setting("SGD momentum")
-    weight_decay: float = setting("weight decay at the start (0 disables decay)")
-    weight_decay_end: float = setting("weight decay at the end of the cosine schedule")
-    # schedule and batch fields: TrainingRunConfig
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.patch_size <= 0 or self.input_size % self.patch_size:
+            raise ConfigError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
 
 
 SCHEMA: ConfigSchema[PretrainConfig] = ConfigSchema(PretrainConfig, PresetStore("pretrain.presets"))
@@ -94,51 +96,29 @@ def _model_densify_norm(cfg: PretrainConfig) -> tuple[str, int]:
     return spark.densify_norm, spark.patch_size
 
 
-def _validate(cfg: PretrainConfig) -> None:
-    checks = [
-        (cfg.batch_size > 0, f"batch_size must be positive, got {cfg.batch_size}"),
-        (cfg.global_batch > 0, f"global_batch must be positive, got {cfg.global_batch}"),
-        (cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}"),
-        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
-        (0.0 <= cfg.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {cfg.mask_ratio}"),
-        (len(cfg.crop_scale) == 2 and 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1,
-         f"crop_scale must be two numbers 0 < low <= high <= 1, got {cfg.crop_scale}"),
-        (cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}"),
-        (cfg.clip_grad >= 0, f"clip_grad must be >= 0, got {cfg.clip_grad}"),
-        (cfg.log_every > 0, f"log_every must be positive, got {cfg.log_every}"),
-        (cfg.save_every >= 0 and cfg.snapshot_every >= 0, "save_every and snapshot_every must be >= 0"),
-        (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
 def resolve_config(
     preset: str = "paper", overrides: Mapping[str, Any] | None = None, world_size: int = 1, check_model: bool = True
 ) -> PretrainConfig:
     """The complete configuration of a run on ``world_size`` ranks.
 
     Raises :class:`ConfigError` with a one-line message for unknown keys, bad values, a global batch that
-    ``batch_size x world_size`` does not divide, or a model SparK cannot wrap (``check_model``).
+    ``batch_size x world_size`` does not divide, or a model SparK cannot wrap (``check_model``; without it, as the
+    sweep's dry run plans, no torch is imported and ``densify_norm`` may stay ``auto``).
     """
-    cfg = SCHEMA.resolve(preset, overrides)
-    _validate(cfg)
-    per_step = cfg.batch_size * world_size
-    if cfg.global_batch % per_step:
-        raise ConfigError(
-            f"global_batch {cfg.global_batch} is not a multiple of batch_size x world_size = "
-            f"{cfg.batch_size} x {world_size}; change --batch-size or --global-batch"
-        )
-    cfg.world_size, cfg.grad_accum_steps = world_size, cfg.global_batch // per_step
-    cfg.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.global_batch / 256
+    cfg = SCHEMA.resolve(preset, overrides, world_size)
     if check_model:
-        cfg.densify_norm, patch = _model_densify_norm(cfg)
+        densify_norm, patch = _model_densify_norm(cfg)
         if patch != cfg.patch_size:
             raise ConfigError(f"patch_size {cfg.patch_size} differs from {cfg.model}'s downsampling {patch}")
-    if not math.isfinite(cfg.peak_lr):
-        raise ConfigError(f"peak lr is not finite: {cfg.peak_lr}")
+        cfg = dataclasses.replace(cfg, densify_norm=densify_norm)
     return cfg
+
+
+def require_data(cfg: PretrainConfig) -> None:
+    """A run needs ``--data``: only a preset that names the embedded demo set (``tiny``) runs without it."""
+    if not cfg.data:
+        raise ConfigError(f"--data is required with preset {cfg.preset!r}: an ImageNet-layout or flat image folder "
+                          f"(--preset tiny, or --data {DEMO_DATA}, trains on the embedded demo set)")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, presets: Sequence[str] = BUNDLED_PRESETS) -> None:

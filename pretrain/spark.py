@@ -255,8 +255,11 @@ def build_spark(
 
 
 # Keys of a pretraining config (``config.json``, a checkpoint's ``config``) that shape the SparK model.
-SPARK_CONFIG_KEYS = ("decoder_width", "input_size", "drop_path_rate", "mask_ratio", "densify_norm", "masking",
-                     "sparse_backend", "hierarchy", "ape", "loss_on", "densify_proj")
+SPARK_CONFIG_KEYS = ("decoder_width", "input_size", "mask_ratio", "densify_norm", "masking", "sparse_backend",
+                     "hierarchy", "ape", "loss_on", "densify_proj")
+# Config key of the encoder's stochastic depth: ``drop_path`` (``drop_path_rate`` in configs written before the
+# suite took timm's flag names), passed to timm as ``drop_path_rate``.
+DROP_PATH_KEYS = ("drop_path", "drop_path_rate")
 
 
 def build_spark_from_config(config: Mapping[str, Any], **overrides: Any) -> SparK:
@@ -265,5 +268,8 @@ def build_spark_from_config(config: Mapping[str, Any], **overrides: Any) -> Spar
     ``overrides`` replace config values (e.g. ``masking='zero'`` for a benchmark, ``mask_ratio`` for figures).
     """
     kwargs = {key: config[key] for key in SPARK_CONFIG_KEYS if key in config}
+    drop_path = next((config[key] for key in DROP_PATH_KEYS if key in config), None)
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
     kwargs.update(overrides)
     return build_spark(config["model"], **kwargs)

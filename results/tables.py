@@ -98,9 +98,13 @@ def load_specs(path: str | os.PathLike = PAPER_FILE) -> list[TableSpec]:
     return specs
 
 
-def collect_runs(root: str | os.PathLike) -> dict[str, RunResult]:
-    """Every finished run under ``root``: run folder relative to ``root`` (``/``-separated) -> its result."""
-    return {Path(os.path.relpath(folder, root)).as_posix(): result for folder, result in find_results(root)}
+def collect_runs(root: str | os.PathLike, unreadable: list[str] | None = None) -> dict[str, RunResult]:
+    """Every finished run under ``root``: run folder relative to ``root`` (``/``-separated) -> its result.
+    ``unreadable`` (if given) receives one line per ``result.json`` that exists but cannot be read."""
+    runs = {}
+    for folder, result in find_results(root, unreadable):
+        runs[Path(os.path.relpath(folder, root)).as_posix()] = result
+    return runs
 
 
 def _cell(row: Row, column: Column, runs: Mapping[str, RunResult]) -> Cell:

@@ -16,7 +16,6 @@ Importing this module imports submitit, not torch: the stage loads when the job 
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -30,7 +29,7 @@ import submitit
 
 from pretrain.runtime.errors import SuiteError
 
-from .stages import STAGE_ENTRIES, JobSpec
+from .stages import STAGE_MODULES, JobSpec, stage_command
 from .sweep import COMMAND
 
 __all__ = ["JobError", "StageJob"]
@@ -78,12 +77,11 @@ class StageJob(submitit.helpers.Checkpointable):
         raise JobError(f"{spec.name}: the stage returned {outcome.status!r} ({outcome.message})")
 
     def _run_stage(self, argv: Sequence[str]) -> Any:
-        entry = STAGE_ENTRIES[self.spec.stage]
-        stage = importlib.import_module(entry.module)
+        module = STAGE_MODULES[self.spec.stage]
         try:
-            return stage.run(list(argv))
+            return stage_command(self.spec.stage).run(list(argv))
         except SystemExit as exit_:  # the stage's parser rejected the flags; its message is on stderr
-            raise JobError(f"{self.spec.name}: {entry.module} rejected its arguments (exit code {exit_.code}); "
+            raise JobError(f"{self.spec.name}: {module} rejected its arguments (exit code {exit_.code}); "
                            f"see this job's stderr") from None
 
     def _stopped(self, outcome: Any) -> dict[str, Any]:

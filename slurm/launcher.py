@@ -11,7 +11,9 @@ the tables are written at the end. Planning, ``--dry-run`` and ``--status`` impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import os
 import shutil
 import subprocess
@@ -23,10 +25,12 @@ from typing import Any
 
 from pretrain.runtime.cli import ArgumentParser, one_line, run_cli
 from pretrain.runtime.errors import SuiteError, UsageError
+from pretrain.runtime.stage import RunTarget
 
 from .resources import Resources, ResourceTable, load_resources
-from .stages import JobSpec
+from .stages import JobSpec, stage_command
 from .state import (
+    FAILED,
     NOT_SUBMITTED,
     JobState,
     SweepState,
@@ -34,6 +38,7 @@ from .state import (
     experiment_state,
     headline,
     job_state,
+    result_problem,
     scheduler_states,
 )
 from .sweep import (
@@ -44,13 +49,16 @@ from .sweep import (
     apply_extra_args,
     known_sweeps,
     load_sweep,
+    needs_flag,
     resolve_args,
     run_folder,
+    unfilled,
 )
 
-__all__ = ["Step", "build_parser", "main", "make_plan"]
+__all__ = ["Step", "build_parser", "main", "make_plan", "resolved_on_ranks", "unfilled_warnings"]
 
 PROG = "python slurm/launch_all.py"
+TABLES = "tables"  # the default folder of the result tables under --root
 CLUSTERS = ("auto", "slurm", "local", "debug")
 TABLES_JOB = "sweep-tables"
 LOGS = "logs"  # submitit's folder inside each run folder: <job id>_0_log.out/.err, the job pickles
@@ -94,7 +102,7 @@ def _spec(exp: Experiment, root: str, values: Mapping[str, str], resources: Reso
 
 def _state_of(spec: JobSpec, state: SweepState, live: Mapping[str, JobState]) -> JobState:
     done = done_on_disk(spec.stage, spec.out, spec.creates)
-    return experiment_state(state.experiments.get(spec.name), done, live)
+    return experiment_state(state.experiments.get(spec.name), done, live, result_problem(spec.stage, spec.out))
 
 
 def make_plan(sweep: Sweep, selected: Sequence[Experiment], root: str, values: Mapping[str, str],
@@ -125,7 +133,8 @@ def make_plan(sweep: Sweep, selected: Sequence[Experiment], root: str, values: M
             steps[exp.name] = Step(exp, spec, res, current, "skip", f"{current.state} as job {job}")
             continue
         if current.failed and not retry_failed:
-            reason = f"failed as job {job} ({current.detail}); --retry-failed resubmits"
+            reason = (f"{current.state}: {current.detail}" if not job or current.state != FAILED else
+                      f"failed as job {job} ({current.detail})") + "; --retry-failed resubmits"
             steps[exp.name] = Step(exp, spec, res, current, "skip", reason)
             continue
         parents, blockers = [], []
@@ -154,8 +163,35 @@ def _format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def resolved_on_ranks(spec: JobSpec, res: Resources) -> str:
+    """How the stage resolves a job's config on the ranks its resources give (global batch, accumulation, SyncBN,
+    lr: the stage's own summary), or why it cannot; "" for command steps. Imports no torch."""
+    if spec.stage not in STAGES:
+        return ""
+    ranks = res.nodes * (res.gpus_per_node if res.tasks == "per-node" and res.gpus_per_node else res.tasks_per_node)
+    target = RunTarget(ranks, "cuda" if res.gpus_per_node else "cpu")
+    command = stage_command(spec.stage)
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            cfg = command.plan(["--out", spec.out, *spec.argv], target)
+    except SystemExit:
+        return f"flags rejected: {one_line(errors.getvalue())}"
+    except UsageError as error:
+        return f"cannot resolve: {one_line(error)}"
+    return f"on {ranks} {target.device} rank(s): {command.summary(cfg)}"
+
+
+def unfilled_warnings(steps: Sequence[Step]) -> list[str]:
+    """One warning per sweep placeholder a dry run left unfilled, naming the flag that fills it."""
+    keys = dict.fromkeys(k for s in steps for k in unfilled([*s.spec.argv, *s.spec.creates]))
+    return [f"warning: ${{{key}}} is not filled in: pass {needs_flag(key)} (a launch without it refuses)"
+            for key in keys]
+
+
 def render_plan(sweep: Sweep, steps: Sequence[Step], root: str, cluster: str) -> str:
-    """The job graph of a dry run: one line per experiment, then its command."""
+    """The job graph of a dry run: one line per experiment, then its command and, for stage jobs, its config as
+    resolved on the job's ranks."""
     rows, commands = [], []
     for i, step in enumerate(steps, 1):
         after = ", ".join(step.parents) or ("-" if step.action == "submit" else "")
@@ -163,6 +199,9 @@ def render_plan(sweep: Sweep, steps: Sequence[Step], root: str, cluster: str) ->
                      step.action if not step.reason else f"{step.action}: {step.reason}", after,
                      step.resources.describe()])
         commands.append(f"{i:>3}  {' '.join(step.spec.command_line())}")
+        resolved = resolved_on_ranks(step.spec, step.resources)
+        if resolved:
+            commands.append(f"     {resolved}")
     tables = sorted({t for s in steps for t in s.exp.tables}, key=lambda t: (len(t), t))
     head = [f"sweep {sweep.name}: {len(steps)} experiments"
             + (f" (tables {', '.join(tables)})" if tables else "") + f" under {root}; cluster: {cluster}",
@@ -196,8 +235,8 @@ Row = tuple[str, str, str, tuple[str, ...]]  # experiment, stage, run folder, fi
 def collect_states(state: SweepState, rows: Sequence[Row]) -> list[JobState]:
     """The state of each row's experiment (one scheduler query for all)."""
     live = _live(state)
-    return [experiment_state(state.experiments.get(name), done_on_disk(stage, out, creates), live)
-            for name, stage, out, creates in rows]
+    return [experiment_state(state.experiments.get(name), done_on_disk(stage, out, creates), live,
+                             result_problem(stage, out)) for name, stage, out, creates in rows]
 
 
 def render_status(state: SweepState, rows: Sequence[Row], states: Sequence[JobState], tables: str | None) -> str:
@@ -419,8 +458,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--retry-failed", action="store_true", help="resubmit experiments whose job failed")
     parser.add_argument("--wait", action="store_true", help="on SLURM, wait until the launched jobs end, then report")
     parser.add_argument("--poll-s", type=float, default=10.0, help="seconds between queue checks with --wait [10]")
-    parser.add_argument("--tables", help="folder of the result tables [results; --status: where the last launch "
-                                         "wrote them]")
+    parser.add_argument("--tables-out", metavar="DIR",
+                        help=f"folder of the result tables [ROOT/{TABLES}; --status: where the last launch wrote them]")
     parser.add_argument("--no-tables", action="store_true", help="do not write the result tables at the end")
     return parser
 
@@ -429,7 +468,7 @@ def _launch(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.root)
     values = _values(args)
     state = SweepState(root)
-    tables = None if args.no_tables else os.path.abspath(args.tables or "results")
+    tables = None if args.no_tables else os.path.abspath(args.tables_out or os.path.join(root, TABLES))
     shape = {field: getattr(args, field) for field in SHAPE_FLAGS}
     if args.status:
         sweep = load_sweep(args.sweep) if args.sweep else None
@@ -438,7 +477,7 @@ def _launch(args: argparse.Namespace) -> int:
         if not rows:
             print(f"nothing launched under {root} yet (no {state.path})")
             return 0
-        shown = os.path.abspath(args.tables) if args.tables else state.tables_job.get("tables")
+        shown = os.path.abspath(args.tables_out) if args.tables_out else state.tables_job.get("tables")
         print(render_status(state, rows, collect_states(state, rows), shown))
         return 0
     sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
@@ -454,6 +493,8 @@ def _launch(args: argparse.Namespace) -> int:
         cluster = args.cluster if args.cluster != "auto" else "auto (" + ("slurm" if slurm_available() else "local") \
             + ")"
         print(render_plan(sweep, steps, root, cluster))
+        for warning in unfilled_warnings(steps):
+            print(f"{PROG}: {warning}", file=sys.stderr)
         return 0
     cluster = choose_cluster(args.cluster)
     with state.locked():
@@ -485,7 +526,8 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: exit 0 on success, 1 when a job failed or a runtime error, 2 on a usage error."""
+    """Entry point (``python slurm/launch_all.py``, ``python -m slurm``, ``spark-sweep``): exit 0 on success, 1 when
+    a job failed or a runtime error, 2 on a usage error."""
     args = build_parser().parse_args(argv)
     return run_cli(PROG, lambda: _launch(args))
 

@@ -1,40 +1,33 @@
 """How the sweep calls each stage, and the resolved description of one job: no torch, no submitit.
 
-The stages keep one contract (see the team plan): ``run(argv) -> Outcome`` in-process, ``--out DIR``, and a
-resume flag that continues from the run folder's last checkpoint.
+The stages keep one contract (:class:`pretrain.runtime.stage.StageCommand`): ``run(argv) -> Outcome``
+in-process, ``--out DIR``, and the resume flags and checkpoint files each stage's command declares
+(``resume_argv``, ``checkpoint_files``), which the sweep asks the stage for rather than keeping copies.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .sweep import COMMAND
 
-__all__ = ["STAGE_ENTRIES", "JobSpec", "StageEntry", "has_checkpoint"]
+__all__ = ["STAGE_MODULES", "JobSpec", "has_checkpoint", "stage_command"]
+
+# The module of each stage whose ``COMMAND`` (a StageCommand) a job runs; importing it imports no torch.
+STAGE_MODULES = {"pretrain": "pretrain.__main__", "cls": "downstream.cls.__main__", "det": "downstream.det.train"}
 
 
-@dataclass(frozen=True)
-class StageEntry:
-    """How the sweep calls a stage: the module with ``run(argv)``, its resume flags, and the files whose presence
-    in the run folder means there is a checkpoint to continue from."""
-
-    module: str
-    resume: tuple[str, ...]
-    checkpoints: tuple[str, ...]
-
-
-LAST = ("checkpoint-last.pth", "checkpoint-last.pth.prev")  # pretrain.runtime.checkpoint.find_checkpoint's files
-STAGE_ENTRIES = {
-    "pretrain": StageEntry("pretrain.__main__", ("--resume", "auto"), LAST),
-    "cls": StageEntry("downstream.cls.__main__", ("--resume", "auto"), LAST),
-    "det": StageEntry("downstream.det.train", ("--resume",), LAST),
-}
+def stage_command(stage: str) -> Any:
+    """The :class:`~pretrain.runtime.stage.StageCommand` of ``stage`` (``pretrain``, ``cls``, ``det``)."""
+    return importlib.import_module(STAGE_MODULES[stage]).COMMAND
 
 
 def has_checkpoint(stage: str, out: str) -> bool:
-    """Whether ``out`` holds a checkpoint the stage can resume."""
-    return any(os.path.exists(os.path.join(out, name)) for name in STAGE_ENTRIES[stage].checkpoints)
+    """Whether ``out`` holds a checkpoint the stage can resume (the files its command names)."""
+    return any(os.path.exists(os.path.join(out, name)) for name in stage_command(stage).checkpoint_files)
 
 
 @dataclass(frozen=True)
@@ -57,14 +50,11 @@ class JobSpec:
         """The equivalent shell command (plans and logs show ``python``; command jobs run it with their own)."""
         if self.stage == COMMAND:
             return [python, "-m", self.module, *self.argv]
-        module = STAGE_ENTRIES[self.stage].module.removesuffix(".__main__")
+        module = STAGE_MODULES[self.stage].removesuffix(".__main__")
         return [python, "-m", module, *self.stage_argv()]
 
     def stage_argv(self) -> list[str]:
-        """The stage's argv: ``--out`` and, when resuming, the resume flags first (before any trailing
+        """The stage's argv: ``--out`` and, when resuming, the stage's resume flags first (before any trailing
         ``KEY VALUE`` pairs of Detectron2 options), then the sweep's flags."""
-        entry = STAGE_ENTRIES[self.stage]
         resume = self.resume or has_checkpoint(self.stage, self.out)
-        return ["--out", self.out, *(entry.resume if resume else ()), *self.argv]
-
-
+        return ["--out", self.out, *(stage_command(self.stage).resume_argv if resume else ()), *self.argv]

@@ -7,6 +7,8 @@ cluster, run folder, submitit log folder, argv, submission time, earlier job ids
 - ``pending`` / ``running`` / ``requeued`` ...: its job is alive in the scheduler (``squeue``), or a local job's
   process runs;
 - ``failed``: its job ended without that (the job state, or the error submitit pickled, names why);
+- ``unreadable``: its run folder holds a ``result.json`` that cannot be read (named, never taken for a run that
+  has not finished; ``--retry-failed`` runs it again, resuming from its checkpoint);
 - ``not submitted``: never launched under this root.
 
 No torch, no submitit: ``--status`` and ``--dry-run`` use only this.
@@ -37,6 +39,7 @@ __all__ = [
     "SweepState",
     "done_on_disk",
     "experiment_state",
+    "result_problem",
     "headline",
     "job_state",
     "scheduler_states",
@@ -48,7 +51,7 @@ SCHEMA = 1
 # Scheduler states of a job that may still finish (SLURM's names, lower case; local jobs report "running").
 ACTIVE = {"pending", "running", "requeued", "configuring", "completing", "suspended", "resizing", "requeue_hold",
           "requeue_fed", "stage_out", "signaling", "resv_del_hold", "stopped", "special_exit"}
-COMPLETED, NOT_SUBMITTED, FAILED = "completed", "not submitted", "failed"
+COMPLETED, NOT_SUBMITTED, FAILED, UNREADABLE = "completed", "not submitted", "failed", "unreadable"
 
 
 @dataclass(frozen=True)
@@ -195,6 +198,19 @@ def done_on_disk(stage: str, out: str, creates: list[str] | tuple[str, ...] = ()
         return False
 
 
+def result_problem(stage: str, out: str) -> str:
+    """Why the ``result.json`` in ``out`` is not a finished run of ``stage`` although it exists ("" when it is one,
+    or when there is none)."""
+    path = os.path.join(out, RESULT)
+    if stage == "command" or not os.path.exists(path):
+        return ""
+    try:
+        found = read_result(path).stage
+    except ResultError as error:
+        return str(error)
+    return "" if found == stage else f"{path} is the result of a {found} run, not of {stage}"
+
+
 def job_state(entry: Mapping[str, Any], live: Mapping[str, JobState]) -> JobState:
     """The state of the job in ``entry``: alive in the scheduler (or a running local process), ``finished``
     (submitit pickled a return value), or ``failed`` with the reason (the error submitit pickled, the outcome
@@ -218,9 +234,13 @@ def job_state(entry: Mapping[str, Any], live: Mapping[str, JobState]) -> JobStat
     return JobState(FAILED, "ended without a result; no scheduler record left", elapsed)
 
 
-def experiment_state(entry: Mapping[str, Any] | None, done: bool, live: Mapping[str, JobState]) -> JobState:
-    """The state of one experiment from the disk (``done``), its state-file ``entry`` and the scheduler's
-    ``live`` states (:func:`scheduler_states`)."""
+def experiment_state(entry: Mapping[str, Any] | None, done: bool, live: Mapping[str, JobState],
+                     problem: str = "") -> JobState:
+    """The state of one experiment from the disk (``done``; ``problem``: :func:`result_problem`), its state-file
+    ``entry`` and the scheduler's ``live`` states (:func:`scheduler_states`)."""
+    if problem:
+        job = job_state(entry, live) if entry and entry.get("job_id") else None
+        return job if job and job.active else JobState(UNREADABLE, problem)
     if done:
         job = live.get(str(entry.get("job_id"))) if entry else None
         return JobState(COMPLETED, "", job.elapsed if job else (entry or {}).get("elapsed", ""))
@@ -237,7 +257,7 @@ def headline(stage: str, out: str) -> str:
     try:
         metrics = read_result(os.path.join(out, RESULT)).metrics
     except ResultError:
-        return ""
+        return "unreadable result.json" if os.path.exists(os.path.join(out, RESULT)) else ""
     wanted = {"pretrain": [("loss", "loss_last_epoch", "{:.3f}")],
               "cls": [("top1", "top1", "{:.2f}")],
               "det": [("box AP", "bbox_AP", "{:.1f}"), ("mask AP", "segm_AP", "{:.1f}")]}.get(stage, [])

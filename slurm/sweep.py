@@ -48,7 +48,9 @@ __all__ = [
     "apply_extra_args",
     "known_sweeps",
     "load_sweep",
+    "needs_flag",
     "resolve_args",
+    "unfilled",
     "run_folder",
 ]
 
@@ -307,6 +309,17 @@ def run_folder(root: str, name: str) -> str:
     return os.path.join(root, name)
 
 
+def needs_flag(key: str) -> str:
+    """The launcher flag that fills the sweep's ``${key}``: ``--imagenet DIR``, ``--coco DIR``, else
+    ``--path KEY=DIR``."""
+    return f"--{key} DIR" if key in ("imagenet", "coco") else f"--path {key}=DIR"
+
+
+def unfilled(tokens: Sequence[str]) -> list[str]:
+    """The sweep ``needs`` keys still written as ``${key}`` in ``tokens`` (a dry run without their flags)."""
+    return [m.group(1) for t in tokens for m in PLACEHOLDER.finditer(t) if m.group(1) not in ("run", "out", "root")]
+
+
 def resolve_args(exp: Experiment, tokens: Sequence[str], root: str, values: Mapping[str, str | None],
                  missing_ok: bool = False) -> list[str]:
     """``tokens`` with the placeholders filled in. A missing value (``--imagenet`` not given) is a
@@ -325,8 +338,7 @@ def resolve_args(exp: Experiment, tokens: Sequence[str], root: str, values: Mapp
             return str(value).rstrip("/") if str(value) != "/" else "/"
         if missing_ok:
             return match.group(0)
-        flag = "--" + key.replace("_", "-")
-        raise SweepError(f"experiment {exp.name} needs {flag} DIR (the sweep's ${{{key}}})")
+        raise SweepError(f"experiment {exp.name} needs {needs_flag(key)} (the sweep's ${{{key}}})")
 
     return [PLACEHOLDER.sub(fill, token) for token in tokens]
 

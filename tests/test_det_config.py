@@ -19,7 +19,7 @@ def models() -> dict:
     """Every shipped config, adapted to one CPU process (fp32), with its model."""
     built = {}
     for name in shipped_configs():
-        cfg = load_config(name, ["SOLVER.PRECISION.AMP", "none"])
+        cfg = load_config(name)
         adapt_to_run(cfg, 1, "cpu")
         built[name] = (cfg, DetTrainer.build_model(cfg))
     return built

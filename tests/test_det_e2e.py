@@ -137,7 +137,7 @@ def test_sigusr1_stops_a_run_cleanly_and_resume_finishes_it(coco, tmp_path):
                          "SOLVER.MAX_ITER", "10000"])
     assert outcome.status == "stopped" and outcome.signal_name == "SIGUSR1"
     done = torch.load(out / "checkpoint-last.pth", weights_only=False)["trainer"]["iteration"]
-    outcome = train_run([*TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco), "--resume",
+    outcome = train_run([*TINY, "--weights", "none", "--out", str(out), "--coco-root", str(coco), "--resume", "auto",
                          "SOLVER.MAX_ITER", str(done + 2)])
     assert outcome.status == "completed" and read_result(out).inputs["weights"] == "none"
 

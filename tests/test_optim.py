@@ -80,3 +80,20 @@ def test_cosine_endpoints():
     assert cosine(1.0, 3.0, 0.0) == 1.0 and cosine(1.0, 3.0, 1.0) == 3.0
     assert cosine(1.0, 3.0, 0.5) == pytest.approx(2.0) and cosine(1.0, 3.0, 7.0) == 3.0
     assert math.isclose(cosine(0.0, 1.0, 0.25), 0.5 - 0.5 * math.cos(math.pi * 0.25))
+
+
+def test_the_linear_recipe_steps_its_cosine_once_per_epoch():
+    """MoCo v3's linear probe: lr = peak x 0.5 (1 + cos(pi epoch / epochs)), set at each epoch's start, no warm-up;
+    the same schedule builder as every stage (pretrain.runtime.schedule), per epoch by the recipe's field."""
+    from downstream.cls.config import resolve_config as resolve_cls
+    from pretrain.runtime.schedule import build_schedule as shared
+
+    cfg = resolve_cls("linear", {"epochs": 4})
+    assert build_schedule is shared and not cfg.sched_on_updates and cfg.peak_lr == pytest.approx(0.4)
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=cfg.peak_lr, momentum=0.9)
+    schedule = build_schedule(optimizer, cfg, steps_per_epoch=3)
+    lrs = [schedule(step)["lr"] for step in range(12)]
+    expected = [0.4 * 0.5 * (1 + math.cos(math.pi * epoch / 4)) for epoch in range(4)]
+    assert lrs == pytest.approx([lr for lr in expected for _ in range(3)])
+    per_update = build_schedule(optimizer, resolve_cls("linear", {"epochs": 4, "sched_on_updates": True}), 3)
+    assert len({round(per_update(step)["lr"], 12) for step in range(3)}) == 3  # the default: every step

@@ -211,7 +211,7 @@ def test_checkpoint_requeues_the_job_with_the_stage_resume_flag(tmp_path):
     assert isinstance(requeued.function, StageJob) and requeued.args == ()
     assert requeued.function.spec.stage_argv()[:4] == ["--out", str(tmp_path / "x"), "--resume", "auto"]
     det = StageJob(_spec(tmp_path, "det")).checkpoint().function
-    assert det.spec.stage_argv()[:3] == ["--out", str(tmp_path / "x"), "--resume"]
+    assert det.spec.stage_argv()[:4] == ["--out", str(tmp_path / "x"), "--resume", "auto"]
     # a run folder with a checkpoint resumes even without the flag (a job SLURM itself requeued)
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "checkpoint-last.pth").write_bytes(b"")
@@ -246,7 +246,7 @@ LOCAL_SWEEP = """
 def test_local_launch_runs_once_and_a_second_launch_submits_nothing(tmp_path):
     path = _write_sweep(tmp_path, LOCAL_SWEEP)
     root, tables = tmp_path / "runs", tmp_path / "tables"
-    argv = [LAUNCHER, "--cluster", "local", "--sweep", path, "--root", str(root), "--tables", str(tables)]
+    argv = [LAUNCHER, "--cluster", "local", "--sweep", path, "--root", str(root), "--tables-out", str(tables)]
     first = run_tool(*argv)
     assert first.returncode == 1, "a failed job makes the launch fail"
     assert first.heavy == [], "the launcher submits without importing torch"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_slurm_support import LAUNCHER, Tool, require_slurm, run_tool
 
-from slurm.stages import STAGE_ENTRIES
+from slurm.stages import STAGE_MODULES
 
 # The tiny sweep shortened for CI: 64 demo images of 64 px, 6 epochs of 8 steps, no loader workers (an
 # interrupted run resumes bit-exactly only with --workers 0), one metrics line per step; one fine-tuning epoch;
@@ -37,12 +37,12 @@ FINISHED = re.compile(r"submitit INFO \((.+?)\) - Exiting after successful compl
 
 
 def _stages() -> str:
-    return ",".join(s for s in STAGES if importlib.util.find_spec(STAGE_ENTRIES[s].module))
+    return ",".join(s for s in STAGES if importlib.util.find_spec(STAGE_MODULES[s]))
 
 
 def _launch(root: Path, *extra: str) -> Tool:
     return run_tool(LAUNCHER, "--sweep", "tiny", "--cluster", "slurm", "--stage", _stages(), "--root", str(root),
-                    "--tables", str(root / "tables"), "--poll-s", "2", *SHORT, *extra, timeout=600)
+                    "--tables-out", str(root / "tables"), "--poll-s", "2", *SHORT, *extra, timeout=600)
 
 
 def _state(root: Path) -> dict:

@@ -109,7 +109,7 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_end_to_end(checkpoint, images_dir, tmp_path):
     out = tmp_path / "recon.png"
-    result = _run_cli("--ckpt", str(checkpoint), "--images", str(images_dir), "--out", str(out), "--num", "3")
+    result = _run_cli("--weights", str(checkpoint), "--images", str(images_dir), "--out", str(out), "--num", "3")
     assert result.returncode == 0, result.stderr
     assert out.stat().st_size > 10_000
     with Image.open(out) as figure:
@@ -118,7 +118,7 @@ def test_cli_end_to_end(checkpoint, images_dir, tmp_path):
 
 def test_cli_missing_checkpoint_is_one_line_error(images_dir, tmp_path):
     missing = tmp_path / "nope.pth"
-    result = _run_cli("--ckpt", str(missing), "--images", str(images_dir), "--out", str(tmp_path / "r.png"))
+    result = _run_cli("--weights", str(missing), "--images", str(images_dir), "--out", str(tmp_path / "r.png"))
     assert result.returncode == 1
     assert result.stderr.strip().count("\n") == 0 and str(missing) in result.stderr
     assert not (tmp_path / "r.png").exists()
@@ -131,7 +131,7 @@ def test_cli_bad_images_folder(checkpoint, tmp_path, capsys, images):
         folder.mkdir()
     if images == "unreadable":
         (folder / "a.jpg").write_bytes(b"garbage")
-    assert main(["--ckpt", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "r.png")]) == 1
+    assert main(["--weights", str(checkpoint), "--images", str(folder), "--out", str(tmp_path / "r.png")]) == 1
     error_lines = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and str(folder) in error_lines[0]
 
@@ -140,7 +140,7 @@ def test_cli_bad_images_folder(checkpoint, tmp_path, capsys, images):
     "extra", [["--num", "0"], ["--mask-ratio", "1.5"], ["--input-size", "50"], ["--out", "x.unknownformat"]]
 )
 def test_cli_usage_errors_exit_2(checkpoint, images_dir, tmp_path, extra):
-    args = ["--ckpt", str(checkpoint), "--images", str(images_dir), "--out", str(tmp_path / "r.png"), *extra]
+    args = ["--weights", str(checkpoint), "--images", str(images_dir), "--out", str(tmp_path / "r.png"), *extra]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 2
@@ -148,6 +148,6 @@ def test_cli_usage_errors_exit_2(checkpoint, images_dir, tmp_path, extra):
 
 def test_cli_in_process_with_overrides(checkpoint, images_dir, tmp_path, capsys):
     out = tmp_path / "recon.png"
-    args = ["--ckpt", str(checkpoint), "--images", str(images_dir), "--out", str(out)]
+    args = ["--weights", str(checkpoint), "--images", str(images_dir), "--out", str(out)]
     assert main([*args, "--num", "2", "--mask-ratio", "0.3", "--input-size", "96", "--seed", "1"]) == 0
     assert out.is_file() and "mask ratio 0.3" in capsys.readouterr().out

@@ -12,13 +12,21 @@ overrides), then the derived values: the peak learning rate (linear in the globa
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pretrain.runtime.config import ConfigError, ConfigSchema, PresetStore, TrainingRunConfig, setting
+from pretrain.runtime.config import (
+    DEMO_DATA,
+    ConfigError,
+    ConfigSchema,
+    PresetStore,
+    TrainingRunConfig,
+    require_all,
+    setting,
+)
 
 __all__ = [
     "BUNDLED_RECIPES",
@@ -26,6 +34,7 @@ __all__ = [
     "ClsConfig",
     "ConfigError",
     "default_recipe",
+    "require_data",
     "resolve_config",
 ]
 
@@ -41,12 +50,12 @@ BUNDLED_RECIPES = ("table7", "table7-code", "table8", "table8-code", "table8-cod
 DEFAULT_RECIPES = (("convnext*", "table8"), ("*", "table7"))
 
 
-@dataclass(kw_only=True)
+@dataclass(frozen=True, kw_only=True)
 class ClsConfig(TrainingRunConfig):
-    """Everything an ImageNet fine-tuning or linear-probing run depends on (values without default: the recipe)."""
+    """Everything an ImageNet fine-tuning or linear-probing run depends on (values without default: the recipe;
+    the fields every training stage shares are :class:`TrainingRunConfig`'s)."""
 
     # --- what runs
-    model: str = setting("timm model name of the classifier")
     protocol: str = setting("finetune (all weights train) or linear (frozen backbone in eval mode, linear head)",
                             choices=PROTOCOLS)
     weights: str = setting("pretrained weights: any file python -m downstream.convert reads (encoder_timm.pth, a "
@@ -54,7 +63,8 @@ class ClsConfig(TrainingRunConfig):
                            "a fine-tuning checkpoint or a classifier), or 'none' for random initialisation", "")
     trust_weights: bool = setting("unpickle --weights fully even if it holds Python objects beyond tensors and plain "
                                   "values (that can run code from the file: only for files you trust)", False)
-    data: str = setting("data root holding train/ and val/ in ImageNet layout (class sub-folders)", "")
+    data: str = setting(f"data root holding train/ and val/ in ImageNet layout (class sub-folders); '{DEMO_DATA}': "
+                        "the embedded demo set (the tiny recipe's)", "")
     eval_only: bool = setting("only evaluate --weights on val/ and write result.json", False)
     # --- images
     input_size: int = setting("training and test resolution in pixels")
@@ -62,7 +72,6 @@ class ClsConfig(TrainingRunConfig):
     crop_mode: str = setting("test crop mode (timm): center, squash (resize to a square, no crop), border",
                              choices=CROP_MODES)
     interpolation: str = setting("resize interpolation (train and test)", choices=INTERPOLATIONS)
-    scale: list[float] = setting("RandomResizedCrop area range, two numbers", nargs=2, metavar=("LOW", "HIGH"))
     hflip: float = setting("horizontal flip probability")
     color_jitter: float = setting("colour jitter strength (timm turns it off when --aa is set)")
     aa: str | None = setting("automatic augmentation: a timm string (rand-m9-mstd0.5-inc1, v0, augmix-...), "
@@ -82,17 +91,11 @@ class ClsConfig(TrainingRunConfig):
     bce_target_thresh: float | None = setting("binarise BCE targets above this value (none: keep them soft)")
     # --- model
     drop: float = setting("dropout rate before the classifier")
-    drop_path: float = setting("stochastic depth rate")
     ls_init_value: float | None = setting("layer-scale init of ConvNeXt-style blocks (timm model argument "
                                           "ls_init_value; none: the model's default)", None)
     sync_bn: bool = setting("synchronise BatchNorm statistics over ranks (multi-rank runs)")
     # --- optimisation
     opt: str = setting("optimiser (timm create_optimizer_v2)", choices=OPTIMIZERS)
-    lr_base: float = setting("peak lr at a global batch of lr_base_size; scaled linearly with the global batch")
-    lr_base_size: int = setting("global batch at which lr_base holds")
-    lr: float | None = setting("absolute peak lr (overrides the lr_base scaling)")
-    weight_decay: float = setting("weight decay (not applied to biases and norm parameters)")
-    momentum: float = setting("SGD momentum")
     opt_eps: float | None = setting("optimiser epsilon (none: timm's default)")
     lamb_bias_correction: bool = setting("LAMB: bias-corrected moments")
     lamb_always_adapt: bool = setting("LAMB: apply the trust ratio to parameters without weight decay too")
@@ -100,13 +103,23 @@ class ClsConfig(TrainingRunConfig):
     layer_decay_groups: str = setting("layer grouping of the decay: timm (its per-block group_matcher) or published "
                                       "(SparK code: 8 groups for ResNet-50, 12 + head for ConvNeXt)",
                                       choices=LAYER_DECAY_GROUPS)
-    # schedule and batch fields: TrainingRunConfig
     eval_batch_size: int = setting("images per rank per evaluation pass (0: twice batch_size)", 0)
-    ema_decays: list[float] = setting("decays of the weight EMAs tracked and evaluated (timm ModelEmaV3; 0: none)",
-                                      nargs="+")
+    ema_decays: tuple[float, ...] = setting("decays of the weight EMAs tracked and evaluated (timm ModelEmaV3; "
+                                            "0: none)", nargs="+")
     eval_every: int = setting("evaluate every N epochs (and always after the last)", 1)
-    # --- derived at resolution (not settable)
-    num_classes: int = setting("classes found in the data (set when the run starts)", 0, derived=True)
+
+    def validate(self) -> None:
+        super().validate()
+        require_all([
+            (self.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {self.eval_batch_size}"),
+            (self.input_size >= 32, f"input_size must be at least 32, got {self.input_size}"),
+            (0 < self.crop_pct <= 1, f"crop_pct must be in (0, 1], got {self.crop_pct}"),
+            (all(0 <= d < 1 for d in self.ema_decays),
+             f"ema_decays must lie in [0, 1) (0: none), got {list(self.ema_decays)}"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (self.aug_repeats >= 0 and self.eval_every > 0, "aug_repeats must be >= 0 and eval_every positive"),
+        ])
 
 
 SCHEMA: ConfigSchema[ClsConfig] = ConfigSchema(ClsConfig, PresetStore("downstream.cls.recipes", "recipe"))
@@ -119,49 +132,22 @@ def default_recipe(model: str | None, protocol: str | None) -> str:
     return next(recipe for glob, recipe in DEFAULT_RECIPES if fnmatch.fnmatchcase(model or "", glob))
 
 
-def _validate(cfg: ClsConfig) -> None:
-    checks = [
-        (cfg.batch_size > 0 and cfg.global_batch > 0, "batch_size and global_batch must be positive"),
-        (cfg.eval_batch_size >= 0, f"eval_batch_size must be >= 0, got {cfg.eval_batch_size}"),
-        (cfg.epochs > 0, f"epochs must be positive, got {cfg.epochs}"),
-        (0 <= cfg.warmup_epochs <= cfg.epochs, f"warmup_epochs must be in [0, epochs], got {cfg.warmup_epochs}"),
-        (cfg.input_size >= 32, f"input_size must be at least 32, got {cfg.input_size}"),
-        (0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1], got {cfg.crop_pct}"),
-        (len(cfg.scale) == 2 and 0 < cfg.scale[0] <= cfg.scale[1] <= 1,
-         f"scale must be two numbers 0 < low <= high <= 1, got {cfg.scale}"),
-        (all(0 <= d < 1 for d in cfg.ema_decays), f"ema_decays must lie in [0, 1) (0: none), got {cfg.ema_decays}"),
-        (cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}"),
-        (cfg.aug_repeats >= 0 and cfg.eval_every > 0, "aug_repeats must be >= 0 and eval_every positive"),
-        (cfg.lr_base > 0 and cfg.lr_base_size > 0, "lr_base and lr_base_size must be positive"),
-        (cfg.lr is None or cfg.lr > 0, f"lr must be positive, got {cfg.lr}"),
-        (cfg.clip_grad >= 0 and cfg.workers >= 0, "clip_grad and workers must be >= 0"),
-        (cfg.log_every > 0 and cfg.save_every >= 0 and cfg.snapshot_every >= 0,
-         "log_every must be positive, save_every and snapshot_every >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
 def resolve_config(recipe: str | None = None, overrides: Mapping[str, Any] | None = None,
                    world_size: int = 1) -> ClsConfig:
     """The complete configuration of a run on ``world_size`` ranks.
 
     ``recipe`` None picks :func:`default_recipe` from the overrides' model and protocol. Raises
     :class:`ConfigError` (one line) for an unknown recipe (listing the known ones), unknown keys, bad values, or a
-    global batch that ``batch_size x world_size`` does not divide.
+    global batch that ``batch_size x world_size`` does not divide. EMA decays of 0 are dropped (0: none).
     """
     overrides = dict(overrides or {})
     recipe = recipe or default_recipe(overrides.get("model"), overrides.get("protocol"))
-    cfg = SCHEMA.resolve(recipe, overrides)
-    cfg.ema_decays = [d for d in cfg.ema_decays if d > 0]
-    _validate(cfg)
-    per_step = cfg.batch_size * world_size
-    if cfg.global_batch % per_step:
-        raise ConfigError(f"global_batch {cfg.global_batch} is not a multiple of batch_size x world_size = "
-                          f"{cfg.batch_size} x {world_size}; change --batch-size or --global-batch")
-    cfg.world_size, cfg.grad_accum_steps = world_size, cfg.global_batch // per_step
-    cfg.peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_base * cfg.global_batch / cfg.lr_base_size
-    if not math.isfinite(cfg.peak_lr):
-        raise ConfigError(f"peak lr is not finite: {cfg.peak_lr}")
-    return cfg
+    cfg = SCHEMA.resolve(recipe, overrides, world_size)
+    return dataclasses.replace(cfg, ema_decays=tuple(d for d in cfg.ema_decays if d > 0))
+
+
+def require_data(cfg: ClsConfig) -> None:
+    """A run needs ``--data``: only a recipe that names the embedded demo set (``tiny``) runs without it."""
+    if not cfg.data:
+        raise ConfigError(f"--data is required with recipe {cfg.preset!r}: a root with train/ and val/ in ImageNet "
+                          f"layout (--recipe tiny, or --data {DEMO_DATA}, uses the embedded demo set)")

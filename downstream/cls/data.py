@@ -84,15 +84,16 @@ def _check_same_classes(train: ImageFolderDataset, val: ImageFolderDataset) -> N
                     f"{shown or 'same names'})")
 
 
-def build_data(cfg: ClsConfig, need_train: bool = True) -> ClsData:
-    """The splits of ``cfg.data`` with their transforms; :class:`DataError` (one line) for a missing root or split,
-    a split without class folders or decodable images, or val/ classes that differ from train/'s.
+def build_data(cfg: ClsConfig, need_train: bool = True, root: str | os.PathLike | None = None) -> ClsData:
+    """The splits of ``root`` (default ``cfg.data``) with their transforms; :class:`DataError` (one line) for a
+    missing root or split, a split without class folders or decodable images, or val/ classes that differ from
+    train/'s.
 
     Without ``need_train`` (evaluation only) train/ is optional, read only to check the classes when present.
     """
-    if not cfg.data:
+    if not (root or cfg.data):
         raise DataError("--data is required: a root with train/ and val/ in ImageNet layout")
-    root = Path(cfg.data)
+    root = Path(root or cfg.data)
     if not root.is_dir():
         raise DataError(f"data root {'is not a folder' if root.exists() else 'does not exist'}: {root}")
     val = _split(root, "val", eval_transform(cfg))

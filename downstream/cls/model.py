@@ -74,7 +74,8 @@ def load_for_evaluation(model: nn.Module, cfg: ClsConfig) -> tuple[dict[str, dic
             model.load_state_dict(state, strict=True)
         except RuntimeError as error:
             detail = " ".join(str(error).split())[:300]
-            raise ConvertError(f"{cfg.weights} ({label}) does not fit {cfg.model} with {cfg.num_classes} classes "
+            classes = getattr(model.get_classifier(), "out_features", "?")
+            raise ConvertError(f"{cfg.weights} ({label}) does not fit {cfg.model} with {classes} classes "
                                f"(--eval-only needs a trained classifier, e.g. a fine-tuning checkpoint-last.pth): "
                                f"{detail}") from error
     return states, weights.meta.get("epoch")

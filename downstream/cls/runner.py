@@ -8,28 +8,27 @@ optimiser, every weight EMA, position, RNG states, evaluation curve) and, when t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from pretrain.data import DataError, collate_skip_corrupt
+from pretrain.data import collate_skip_corrupt, demo_data_for_run
 from pretrain.info import model_info
 from pretrain.runtime import loop
-from pretrain.runtime.checkpoint import CHECKPOINT, restore_rng
-from pretrain.runtime.checkpointer import Checkpointer
-from pretrain.runtime.config import ConfigError
+from pretrain.runtime.checkpoint import seed_everything
+from pretrain.runtime.config import DEMO_DATA, run_record
 from pretrain.runtime.distributed import DistEnv, wrap_ddp
-from pretrain.runtime.errors import SuiteError
+from pretrain.runtime.errors import RunError
 from pretrain.runtime.io import atomic_write_json, join
 from pretrain.runtime.precision import Precision
 from pretrain.runtime.result import write_result
-from pretrain.runtime.runlog import RunLogger
-from pretrain.runtime.signals import StopRequest, parse_signals
-from pretrain.runtime.stage import Outcome, find_resume_path, prepare_run, seed_everything
+from pretrain.runtime.schedule import build_schedule
+from pretrain.runtime.signals import StopRequest
+from pretrain.runtime.stage import Outcome, find_resume_path, prepare_run
+from pretrain.runtime.training import TrainingJob, train
 
 from .config import ClsConfig
 from .data import ClsData, build_data, eval_loader, train_sampler
@@ -48,16 +47,13 @@ from .model import (
 )
 from .task import ClsTask, build_criterion, build_mixup
 
-__all__ = ["COMPAT_KEYS", "RunError", "build_optimizer", "build_schedule", "finetune"]
+# build_schedule: the one lr schedule of every training stage (pretrain.runtime.schedule), re-exported here.
+__all__ = ["COMPAT_KEYS", "RunError", "TrainModeHook", "build_optimizer", "build_schedule", "finetune"]
 
 logger = logging.getLogger("downstream.cls")
 # Settings a resumed run must share with its checkpoint (the shapes of the saved weights, optimiser state, EMAs).
 COMPAT_KEYS = ("model", "protocol", "num_classes", "opt", "weight_decay", "layer_decay", "layer_decay_groups",
                "ema_decays")
-
-
-class RunError(SuiteError, RuntimeError):
-    """A run that cannot continue (non-finite loss)."""
 
 
 def build_optimizer(model: nn.Module, cfg: ClsConfig) -> torch.optim.Optimizer:
@@ -77,25 +73,15 @@ def build_optimizer(model: nn.Module, cfg: ClsConfig) -> torch.optim.Optimizer:
     return create_optimizer_v2(model, layer_decay=cfg.layer_decay, **common)
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: ClsConfig, steps_per_epoch: int
-                   ) -> Callable[[int], Mapping[str, float]]:
-    """Per-step linear warm-up from ``warmup_lr_ratio`` x peak, then cosine to ``min_lr_ratio`` x peak (timm's
-    ``CosineLRScheduler``, which also applies each group's ``lr_scale``); returns ``schedule(step) -> {"lr"}``.
+class TrainModeHook(loop.Hook):
+    """Puts the model in its protocol's training mode before every epoch (linear probing: the backbone stays in
+    eval mode, its BatchNorm statistics untouched)."""
 
-    The cosine reaches its floor at the last step, ``total - 1``, as the published SparK code's ``lr_wd_annealing``
-    does (tests/test_parity_cls.py)."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup - 1, 1),
-                                  lr_min=cfg.peak_lr * cfg.min_lr_ratio,
-                                  warmup_t=warmup, warmup_lr_init=cfg.peak_lr * cfg.warmup_lr_ratio,
-                                  warmup_prefix=True, t_in_epochs=False)
+    def __init__(self, model: nn.Module, protocol: str) -> None:
+        self.model, self.protocol = model, protocol
 
-    def schedule(step: int) -> Mapping[str, float]:
-        scheduler.step_update(step)
-        return {"lr": max(group["lr"] for group in optimizer.param_groups)}
-
-    return schedule
+    def before_epoch(self, trainer: loop.Trainer) -> None:
+        set_train_mode(self.model, self.protocol)
 
 
 def _prepare_model(cfg: ClsConfig, env: DistEnv, precision: Precision, num_classes: int) -> nn.Module:
@@ -114,21 +100,29 @@ def _size_metrics(cfg: ClsConfig) -> dict[str, float]:
     return {"params_m": info.params_m, "flops_g": info.flops_g}
 
 
+def _data(cfg: ClsConfig, env: DistEnv, need_train: bool = True) -> ClsData:
+    if cfg.data != DEMO_DATA:
+        return build_data(cfg, need_train)
+    root = demo_data_for_run(env.is_main)
+    logger.info("--data %s (recipe %s): the embedded demo set %s", DEMO_DATA, cfg.preset, root)
+    return build_data(cfg, need_train, root)
+
+
 def _write_outcome(cfg: ClsConfig, data: ClsData, curve: list[dict[str, Any]], extra: Mapping[str, Any],
-                   inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
-    metrics = {**summarise(curve), "protocol": cfg.protocol, **_size_metrics(cfg), "num_classes": cfg.num_classes,
+                   inputs: Mapping[str, Any], outputs: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    metrics = {**summarise(curve), "protocol": cfg.protocol, **_size_metrics(cfg), "num_classes": len(data.classes),
                **extra}
     inputs = {"weights": describe_weights(cfg.weights), "data": data.root, "num_val": len(data.val), **inputs}
-    write_result(cfg.out, "cls", cfg.model, metrics, cfg.to_dict(), inputs, outputs)
+    write_result(cfg.out, "cls", cfg.model, metrics, dict(record), inputs, outputs)
 
 
 def _evaluate_only(cfg: ClsConfig, env: DistEnv, precision: Precision) -> Outcome:
-    data = build_data(cfg, need_train=False)
-    cfg.num_classes = len(data.classes)
-    model = _prepare_model(cfg, env, precision, cfg.num_classes)
+    data = _data(cfg, env, need_train=False)
+    model = _prepare_model(cfg, env, precision, len(data.classes))
     states, epoch = load_for_evaluation(model, cfg)
+    record = run_record(cfg, precision=precision.to_dict(), num_classes=len(data.classes))
     if env.is_main:
-        atomic_write_json(join(cfg.out, "config.json"), cfg.to_dict())
+        atomic_write_json(join(cfg.out, "config.json"), record)
 
     def loaded(name: str) -> nn.Module:
         model.load_state_dict(states[name])
@@ -138,7 +132,7 @@ def _evaluate_only(cfg: ClsConfig, env: DistEnv, precision: Precision) -> Outcom
     results = evaluate_all(((name, loaded(name)) for name in states), loader, env, precision)
     entry = curve_entry(epoch or 0, results)
     if env.is_main:
-        _write_outcome(cfg, data, [entry], {"eval_only": True}, {}, {})
+        _write_outcome(cfg, data, [entry], {"eval_only": True}, {}, {}, record)
     return Outcome("completed", f"evaluated {cfg.weights}: top-1 {entry['top1']:.2f}, top-5 {entry['top5']:.2f} "
                                 f"({entry['weights']}); results in {cfg.out}", cfg.out)
 
@@ -149,61 +143,20 @@ def _train_metrics(state: loop.TrainState) -> dict[str, Any]:
             "train_time_s": state.train_seconds}
 
 
-def _hooks(cfg: ClsConfig, model: nn.Module, emas: EmaBank, data: ClsData, env: DistEnv) -> list[loop.Hook]:
-    """Metrics, EMA updates, periodic saves, evaluation, epoch-end saves: in this order (saves hold the EMAs,
-    the epoch-end checkpoint holds the evaluation)."""
-    evaluation = EvalHook(lambda: [("model", model), *emas], eval_loader(data.val, cfg, env), cfg.eval_every,
-                          cfg.epochs, lambda: set_train_mode(model, cfg.protocol))
-    return [loop.MetricsHook(cfg.log_every), EmaHook(lambda: emas.update(model)),
-            loop.PeriodicSaveHook(cfg.save_every), evaluation, loop.EpochSaveHook(cfg.snapshot_every)]
-
-
-def _train(trainer: loop.Trainer, cfg: ClsConfig, data: ClsData, sampler: Any, rng: Any) -> Outcome | None:
-    """The epochs left; an :class:`Outcome` ``stopped`` if a stop signal ended them early (checkpoint saved)."""
-    state, env, stop = trainer.state, trainer.env, trainer.stop
-    with stop.installed(parse_signals(cfg.stop_signals)):
-        if rng is not None:
-            restore_rng(rng)
-        else:  # a fresh run, or another number of ranks than the checkpoint's
-            seed_everything(loop.derive_seed(cfg.seed, state.step, env.rank))
-        for hook in trainer.hooks:
-            hook.before_train(trainer)
-        while state.epoch < cfg.epochs:
-            set_train_mode(trainer.task.model, cfg.protocol)
-            skip = state.step_in_epoch * cfg.grad_accum_steps
-            batches = loop.epoch_loader(data.train, sampler, cfg.batch_size, state.epoch, skip, cfg.workers,
-                                        cfg.seed, env, collate_skip_corrupt)
-            if trainer.train_epoch(batches):
-                return Outcome("stopped", f"stopped by {stop.signal_name} in epoch {state.epoch + 1} at iteration "
-                                          f"{state.step}: saved {join(cfg.out, CHECKPOINT)}; run again with "
-                                          "--resume auto to continue", cfg.out, stop.signal_name)
-            logger.info("epoch %d/%d: mean training loss %.4f", state.epoch + 1, cfg.epochs, trainer.end_epoch())
-    return None
-
-
 def finetune(cfg: ClsConfig, env: DistEnv, stop: StopRequest | None = None) -> Outcome:
     """Fine-tune (or linear-probe) as ``cfg`` says on this rank: resumes, evaluates, checkpoints, logs, and writes
     ``result.json`` at the end. Bad input raises a one-line :class:`SuiteError` before any training."""
     precision = prepare_run(cfg, env.device)
     if cfg.eval_only:
         return _evaluate_only(cfg, env, precision)
-    if not cfg.weights:
-        raise ConfigError("--weights is required: a converted file (python -m downstream.convert timm SRC DST), "
-                          "encoder_timm.pth, or none to train from scratch")
     if cfg.protocol == "linear" and cfg.preset != "linear":
         logger.warning("linear probing with recipe %r, whose hyperparameters are for fine-tuning; the linear-probe "
                        "recipe is --recipe linear", cfg.preset)
     resume_from = find_resume_path(cfg.out, cfg.resume)
-    data = build_data(cfg)
+    data = _data(cfg, env)
     assert data.train is not None
-    cfg.num_classes = len(data.classes)
-    sampler = train_sampler(data.train, cfg, env)
-    per_epoch = len(sampler) // cfg.batch_size // cfg.grad_accum_steps
-    if per_epoch == 0:
-        raise DataError(f"{data.root}/train: {len(sampler)} images per rank are fewer than one optimiser step "
-                        f"({cfg.batch_size} x {cfg.grad_accum_steps} accumulation)")
-
-    model = _prepare_model(cfg, env, precision, cfg.num_classes)
+    num_classes = len(data.classes)
+    model = _prepare_model(cfg, env, precision, num_classes)
     logger.info("weights: %s", load_pretrained(model, cfg) if resume_from is None else f"from {resume_from}")
     if cfg.protocol == "linear":
         logger.info("linear probe: training %s only, backbone frozen in eval mode", ", ".join(freeze_backbone(model)))
@@ -211,38 +164,28 @@ def finetune(cfg: ClsConfig, env: DistEnv, stop: StopRequest | None = None) -> O
     if cfg.sync_bn:
         model = synchronise_batchnorm(model, env)
     optimizer = build_optimizer(model, cfg)
-    checkpointer = Checkpointer(
-        cfg.out, env, {"model": model, "optimizer": optimizer, "ema": emas}, cfg.to_dict(), per_epoch,
-        cfg.epochs * per_epoch, COMPAT_KEYS, "fine-tuning checkpoint of python -m downstream.cls",
-        extra=lambda state: {STAGE_KEY: "cls", "classes": list(data.classes)})
-    state, rng = checkpointer.load(resume_from) if resume_from else (loop.TrainState(), None)
-    if env.is_main:
-        atomic_write_json(join(cfg.out, "config.json"), cfg.to_dict())
-    logger.info("%s %s on %d rank(s) (%s): %d classes, %d train / %d val images, %d steps/epoch, global batch %d = "
-                "%d x %d ranks x %d accum, peak lr %.3g, EMAs %s", cfg.protocol, cfg.model, env.world_size,
-                env.device, cfg.num_classes, len(data.train), len(data.val), per_epoch, cfg.global_batch,
-                cfg.batch_size, env.world_size, cfg.grad_accum_steps, cfg.peak_lr, cfg.ema_decays or "none")
-
-    mixup = build_mixup(cfg, cfg.num_classes)
-    task = ClsTask(wrap_ddp(model, env), build_criterion(cfg, mixup is not None), mixup)
-    settings = loop.LoopSettings(cfg.epochs, per_epoch, cfg.grad_accum_steps, cfg.clip_grad, cfg.seed)
-    run_logger = RunLogger(cfg.out, env.is_main, cfg.tensorboard, cfg.progress, resume_step=state.step)
-    trainer = loop.Trainer(task, optimizer, build_schedule(optimizer, cfg, per_epoch), settings, env, precision,
-                           run_logger, stop or StopRequest(), checkpointer.save, state,
-                           _hooks(cfg, model, emas, data, env))
-    try:
-        stopped = _train(trainer, cfg, data, sampler, rng)
-    except loop.NonFiniteError as error:
-        raise RunError(f"{error} (epoch {state.epoch + 1}); the last checkpoint {checkpointer.path} is kept "
-                       f"(iteration {checkpointer.saved_step})") from error
-    finally:
-        run_logger.close()
-    if stopped:
-        return stopped
+    mixup = build_mixup(cfg, num_classes)
+    evaluation = EvalHook(lambda: [("model", model), *emas], eval_loader(data.val, cfg, env), cfg.eval_every,
+                          cfg.epochs, lambda: set_train_mode(model, cfg.protocol))
+    job = TrainingJob(
+        ClsTask(wrap_ddp(model, env), build_criterion(cfg, mixup is not None), mixup), optimizer,
+        loop.EpochData(data.train, train_sampler(data.train, cfg, env), cfg.batch_size, cfg.workers, cfg.seed,
+                       collate_skip_corrupt),
+        {"model": model, "optimizer": optimizer, "ema": emas}, COMPAT_KEYS,
+        "fine-tuning checkpoint of python -m downstream.cls",
+        step_hooks=[TrainModeHook(model, cfg.protocol), EmaHook(lambda: emas.update(model))],
+        epoch_hooks=[evaluation], extra=lambda state: {STAGE_KEY: "cls", "classes": list(data.classes)},
+        summary=f"{cfg.protocol}, {num_classes} classes, {len(data.train)} train / {len(data.val)} val images, "
+                f"EMAs {list(cfg.ema_decays) or 'none'}")
+    record = run_record(cfg, precision=precision.to_dict(), num_classes=num_classes)
+    end = train(cfg, env, stop or StopRequest(), precision, job, record, resume_from)
+    if end.stopped:
+        return end.stopped
+    state = end.state
     if env.is_main:
         inputs = {"resumed_from": resume_from, "num_train": len(data.train), "classes": list(data.classes)}
-        _write_outcome(cfg, data, state.extra["curve"], _train_metrics(state), inputs,
-                       {"checkpoint": checkpointer.path})
+        _write_outcome(cfg, data, state.extra["curve"], _train_metrics(state), inputs, {"checkpoint": end.checkpoint},
+                       record)
     best = summarise(state.extra["curve"])
     return Outcome("completed", f"done: {state.epoch} epochs, best top-1 {best['top1']:.2f} ({best['best_weights']}, "
                                 f"epoch {best['best_epoch']}); results in {cfg.out}", cfg.out)

@@ -11,28 +11,30 @@ Shipped configs live in ``downstream/det/configs/`` and are named by file stem (
   detection config (``ENABLED``, ``PROB``, ``MIN_SIZE``, ``TYPE``, ``SIZE``; :mod:`downstream.det.augment`);
 - ``SOLVER.OPTIMIZER`` ("ADAMW" or Detectron2's "SGD"), ``SOLVER.BETAS`` (AdamW), ``SOLVER.LAYER_DECAY``
   (1.0: off), ``SOLVER.WEIGHT_DECAY_EXEMPT`` ("1d" or "norm": which parameters AdamW leaves undecayed; see
-  :mod:`downstream.det.optim`);
-- ``SOLVER.PRECISION.AMP`` (auto / bf16 / none) and ``SOLVER.PRECISION.CHANNELS_LAST`` (auto / on / off): the
-  hardware rule of :mod:`pretrain.runtime.precision`; a run stores what it chose ("auto" resolved).
+  :mod:`downstream.det.optim`).
+
+Precision and memory layout are not Detectron2 keys: they are the stage's ``--amp`` / ``--channels-last`` (the
+suite's :class:`pretrain.runtime.config.RunConfig`, one rule for every stage). The file names and the torch-free
+reading live in :mod:`downstream.det.config_files`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from detectron2.config import CfgNode, get_cfg
 
 from pretrain.runtime.errors import UsageError
 
-__all__ = ["CONFIG_DIR", "adapt_to_run", "add_spark_config", "config_path", "load_config", "shipped_configs"]
+from .config_files import CONFIG_DIR, adapt_norms, config_path, shipped_configs
+
+__all__ = ["CONFIG_DIR", "adapt_to_run", "add_spark_config", "config_path", "from_resolved", "load_config",
+           "shipped_configs"]
 
 logger = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SYNC_NORMS = ("SyncBN", "naiveSyncBN")
-NORM_KEYS = ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM", "MODEL.ROI_BOX_HEAD.NORM", "MODEL.ROI_MASK_HEAD.NORM",
-             "MODEL.TIMM.NORM")
 
 
 def add_spark_config(cfg: CfgNode) -> CfgNode:
@@ -54,26 +56,7 @@ def add_spark_config(cfg: CfgNode) -> CfgNode:
     cfg.SOLVER.BETAS = (0.9, 0.999)
     cfg.SOLVER.LAYER_DECAY = 1.0
     cfg.SOLVER.WEIGHT_DECAY_EXEMPT = "1d"
-    cfg.SOLVER.PRECISION = CfgNode()
-    cfg.SOLVER.PRECISION.AMP = "auto"
-    cfg.SOLVER.PRECISION.CHANNELS_LAST = "auto"
     return cfg
-
-
-def shipped_configs() -> list[str]:
-    """Names of the shipped configs (file stems; the ``Base-*`` files are only bases)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.name.startswith("Base-"))
-
-
-def config_path(config: str | Path) -> Path:
-    """The YAML file of a shipped config name or a path; :class:`UsageError` listing the names if neither."""
-    path = Path(config)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return path
-    shipped = CONFIG_DIR / f"{config}.yaml"
-    if shipped.is_file():
-        return shipped
-    raise UsageError(f"unknown config {str(config)!r}: not a file, nor one of {', '.join(shipped_configs())}")
 
 
 def load_config(config: str | Path, overrides: Sequence[str] = ()) -> CfgNode:
@@ -86,38 +69,35 @@ def load_config(config: str | Path, overrides: Sequence[str] = ()) -> CfgNode:
     try:
         cfg.merge_from_file(str(path))
     except (KeyError, ValueError, TypeError, AssertionError, OSError) as error:
-        raise UsageError(f"cannot load config {path}: {error}") from error
+        hint = (" (SOLVER.PRECISION is gone: precision is the stage's --amp / --channels-last)"
+                if "PRECISION" in str(error) else "")
+        raise UsageError(f"cannot load config {path}: {error}{hint}") from error
     if len(overrides) % 2:
         raise UsageError(f"config overrides come as KEY VALUE pairs; got {len(overrides)} items: {list(overrides)}")
     try:
         cfg.merge_from_list(list(overrides))
     except (KeyError, ValueError, TypeError, AssertionError) as error:
-        raise UsageError(f"bad config override: {error}") from error
+        hint = " (precision is the stage's --amp / --channels-last)" if "PRECISION" in str(error) else ""
+        raise UsageError(f"bad config override: {error}{hint}") from error
+    return cfg
+
+
+def from_resolved(values: Mapping[str, Any]) -> CfgNode:
+    """The frozen Detectron2 config of a resolved run (``DetConfig.detectron2``, the dump of :func:`load_config`
+    after :func:`adapt_to_run`)."""
+    cfg = add_spark_config(get_cfg())
+    cfg.merge_from_other_cfg(CfgNode(dict(values)))
+    cfg.freeze()
     return cfg
 
 
 def adapt_to_run(cfg: CfgNode, world_size: int, device: str) -> list[str]:
-    """Make ``cfg`` (not frozen) runnable here; returns one note per change.
+    """Make ``cfg`` (not frozen) runnable on ``world_size`` ranks of ``device``; returns one note per change.
 
-    ``MODEL.DEVICE`` becomes ``device``. Synchronised BatchNorm needs several processes: on one process every
-    SyncBN becomes BN (same statistics, no process group); on several CPU processes ``SyncBN`` (CUDA only in
-    torch) becomes Detectron2's ``naiveSyncBN`` (all-reduce through the gloo group).
+    ``MODEL.DEVICE`` becomes ``device``; synchronised BatchNorm follows :func:`~.config_files.adapt_norms`.
     """
     notes = []
     if device != cfg.MODEL.DEVICE:
         notes.append(f"MODEL.DEVICE {cfg.MODEL.DEVICE} -> {device}")
         cfg.MODEL.DEVICE = device
-    for key in NORM_KEYS:
-        node, leaf = cfg, key.split(".")
-        for part in leaf[:-1]:
-            node = node[part]
-        value = node[leaf[-1]]
-        new = value
-        if value in SYNC_NORMS and world_size == 1:
-            new = "BN"
-        elif value == "SyncBN" and device == "cpu":
-            new = "naiveSyncBN"
-        if new != value:
-            node[leaf[-1]] = new
-            notes.append(f"{key} {value} -> {new} ({world_size} process{'es' if world_size > 1 else ''} on {device})")
-    return notes
+    return notes + adapt_norms(cfg, world_size, device)

@@ -3,8 +3,10 @@
 :class:`DetTrainer` is Detectron2's ``DefaultTrainer`` (its hooks, writers, lr schedule, data loaders, COCO
 evaluation) with these differences:
 
-- the optimiser of :mod:`.optim`; the model's training forward runs under the run's autocast (bf16 where the
-  hardware computes it natively, see :mod:`pretrain.runtime.precision`); evaluation stays fp32;
+- the optimiser of :mod:`.optim`; the training forward runs under the run's one autocast,
+  :meth:`pretrain.runtime.precision.Precision.autocast` (:class:`PrecisionTrainer`, as Detectron2's
+  ``AMPTrainer`` does for fp16; bf16 where the hardware computes it natively), the model in the run's memory
+  format; evaluation stays fp32;
 - DDP with ``device_ids=None`` on CPU ranks (Detectron2 0.6 passes a GPU index), so gloo ranks train too;
 - checkpoints are written atomically to ``OUT/checkpoint-last.pth`` (the previous one kept as ``.prev``) every
   ``SOLVER.CHECKPOINT_PERIOD`` iterations and at the end, plus ``OUT/model_final.pth`` (weights only);
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -34,6 +37,7 @@ from torch import nn
 
 from pretrain.runtime.checkpoint import CHECKPOINT, find_checkpoint, load_torch, save_torch
 from pretrain.runtime.io import join
+from pretrain.runtime.precision import Precision
 from pretrain.runtime.signals import StopRequest
 
 from . import backbone as _backbone  # noqa: F401  (registers build_timm_fpn_backbone)
@@ -42,26 +46,34 @@ from .evaluation import evaluate_coco
 from .optim import build_optimizer
 from .weights import WeightsReport, load_detection_weights, unwrap
 
-__all__ = ["FINAL_WEIGHTS", "AutocastForward", "DetTrainer", "RunCheckpointer"]
+__all__ = ["FINAL_WEIGHTS", "DetTrainer", "PrecisionTrainer", "RunCheckpointer"]
 
 logger = logging.getLogger(__name__)
 FINAL_WEIGHTS = "model_final.pth"
 LOG_PERIOD = 20  # iterations between metric lines (Detectron2's default)
 
 
-class AutocastForward(nn.Module):
-    """Runs the wrapped model's *training* forward under bf16 autocast; evaluation calls it in fp32."""
+class PrecisionTrainer(SimpleTrainer):
+    """Detectron2's ``SimpleTrainer`` step with the forward pass under the run's autocast (``precision``), as
+    Detectron2's ``AMPTrainer`` runs it under fp16 autocast; the backward pass and the update stay outside it."""
 
-    autocast_wrapper = True  # recognised by :func:`downstream.det.weights.unwrap`
+    def __init__(self, model: nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer,
+                 precision: Precision, device: torch.device) -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.precision, self.device = precision, device
 
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        device_type = next(self.module.parameters()).device.type
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=self.training):
-            return self.module(*args, **kwargs)
+    def run_step(self) -> None:
+        assert self.model.training, "[PrecisionTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+        with self.precision.autocast(self.device):
+            loss_dict = self.model(data)
+        losses = sum(loss_dict.values())
+        self.optimizer.zero_grad()
+        losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
 
 
 class RunCheckpointer(DetectionCheckpointer):
@@ -112,31 +124,30 @@ class SaveHook(hooks.HookBase):
 
 class DetTrainer(DefaultTrainer):
     """Detectron2's ``DefaultTrainer`` with the changes in the module docstring. ``cfg`` must be adapted to the run
-    (:func:`downstream.det.config.adapt_to_run`, precision resolved) and frozen."""
+    (:func:`downstream.det.config.adapt_to_run`) and frozen; ``precision`` is the run's choice for its device."""
 
-    def __init__(self, cfg: CfgNode, stop: StopRequest | None = None) -> None:
+    def __init__(self, cfg: CfgNode, precision: Precision, stop: StopRequest | None = None) -> None:
         TrainerBase.__init__(self)  # DefaultTrainer.__init__ is replaced: DDP, checkpointer and hooks differ
         self.stop = stop or StopRequest()
         self.cfg, self.start_iter, self.max_iter = cfg, 0, cfg.SOLVER.MAX_ITER
         model = self.build_model(cfg)
+        if precision.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer = self.build_optimizer(cfg, unwrap(model))
         loader = self.build_train_loader(cfg)
         device = torch.device(cfg.MODEL.DEVICE)
         device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else None
         model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
-        self._trainer = SimpleTrainer(model, loader, optimizer)
+        self._trainer = PrecisionTrainer(model, loader, optimizer, precision, device)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = RunCheckpointer(unwrap(model), cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
-        """Detectron2's model on ``MODEL.DEVICE``; channels-last and the bf16 training wrapper as resolved."""
-        model = build_model(cfg)
-        if cfg.SOLVER.PRECISION.CHANNELS_LAST == "on":
-            model = model.to(memory_format=torch.channels_last)
-        return AutocastForward(model) if cfg.SOLVER.PRECISION.AMP == "bf16" else model
+        """Detectron2's model on ``MODEL.DEVICE``."""
+        return build_model(cfg)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
@@ -180,11 +191,11 @@ class DetTrainer(DefaultTrainer):
         return [CommonMetricPrinter(self.max_iter), JSONWriter(join(out, "metrics.jsonl")),
                 TensorboardXWriter(join(out, "tensorboard"))]
 
-    def resume_or_load(self, resume: bool = True, weights: str = "none", trust: bool = False) -> str:
-        """Continue from ``OUT/checkpoint-last.pth`` (``resume``) or start from ``weights`` (``trust``: unpickle it
-        fully, ``--trust-weights``); returns what it did."""
-        if resume and self.checkpointer.has_checkpoint():
-            path = self.checkpointer.get_checkpoint_file()
+    def resume_or_load(self, resume_from: str | None = None, weights: str = "none", trust: bool = False) -> str:
+        """Continue from the checkpoint ``resume_from`` or start from ``weights`` (``trust``: unpickle it fully,
+        ``--trust-weights``); returns what it did."""
+        if resume_from:
+            path = resume_from
             self.checkpointer.load(path)
             self.start_iter = self.iter + 1
             return f"resumed from {path} at iteration {self.start_iter}"

@@ -85,7 +85,6 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out or str(Path(args.weights).parent / f"eval-{args.split}")
     cfg.DATASETS.TEST = (name,)
     cfg.OUTPUT_DIR = out
-    cfg.SOLVER.PRECISION.AMP = "none"  # evaluation runs in fp32
     cfg.freeze()
     model = DetTrainer.build_model(cfg)
     report = load_detection_weights(model, args.weights, evaluation=True, trust=args.trust_weights)

@@ -4,6 +4,12 @@
         --coco-root /data/coco [--resume] [--num-gpus 8 --num-machines 2 --machine-rank 0 --dist-url tcp://h:port] \\
         [KEY VALUE ...]
 
+The stage contract of :mod:`pretrain.runtime.stage` (the same ``--resume`` forms, ``--print-config``, stop
+signals, ``--amp``/``--channels-last``, :class:`~pretrain.runtime.stage.Outcome` as pretraining and fine-tuning);
+the training itself is Detectron2's trainer and hooks (:mod:`.engine`). ``--config`` names the Detectron2 config;
+the resolved one (``KEY VALUE`` overrides applied, BatchNorm kinds adapted to the ranks and device) is part of the
+frozen :class:`DetConfig` (``detectron2``).
+
 Ranks: ``--num-gpus N`` (per machine) > 1 or ``--num-machines`` > 1 spawn GPU workers through Detectron2's
 ``launch``; inside a SLURM step with several tasks, or under torchrun, every process is already a rank: the
 process group comes from the environment (:mod:`pretrain.runtime.distributed`) and no process is spawned.
@@ -14,120 +20,170 @@ The run folder receives ``config.yaml`` (Detectron2's resolved config, what ``do
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from pretrain.runtime.cli import ArgumentParser, run_cli, setup_logging
-from pretrain.runtime.config import AMP_CHOICES, CHANNELS_LAST_CHOICES, DEFAULT_STOP_SIGNALS
-from pretrain.runtime.errors import SuiteError, UsageError
+from pretrain.runtime.config import ConfigError, ConfigSchema, RunConfig, require_all, run_record, setting
+from pretrain.runtime.errors import RunError, UsageError
 from pretrain.runtime.io import atomic_write_json, atomic_write_text, join
 from pretrain.runtime.result import RESULT, write_result
 from pretrain.runtime.signals import StopRequest, parse_signals
-from pretrain.runtime.stage import Outcome
-from pretrain.weights import TRUST_FLAG
+from pretrain.runtime.stage import Outcome, RunTarget, StageCommand, find_resume_path, prepare_run, stopped_outcome
 
-__all__ = ["build_parser", "main", "run"]
+from .config_files import adapt_norms, lookup, read_plain, shipped_configs
 
-PROG = "python -m downstream.det.train"
+__all__ = ["COMMAND", "DetCommand", "DetConfig", "build_parser", "main", "run", "train_rank"]
+
 logger = logging.getLogger(__name__)
+D2_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+")  # a Detectron2 config key (SOLVER.MAX_ITER)
 
 
-class RunError(SuiteError):
-    """A detection run that cannot start or continue (one line)."""
+@dataclass(frozen=True, kw_only=True)
+class DetConfig(RunConfig):
+    """A detection run: the suite's settings (run folder, resume, precision, stop signals...), the weights and data,
+    the launch shape, and the resolved Detectron2 config (``preset`` is the ``--config`` it came from)."""
+
+    weights: str = setting("pretrained weights: a Detectron2 .pkl (downstream.convert detectron2) or model .pth, or "
+                           "any file python -m downstream.convert reads (encoder_timm.pth, a SparK "
+                           "checkpoint-last.pth, the released SparK files...: timm backbone or ResNet); 'none' trains "
+                           "from scratch", "", metavar="W")
+    trust_weights: bool = setting("unpickle --weights fully even if it holds Python objects beyond tensors and plain "
+                                  "values (that can run code: only for files you trust)", False)
+    coco_root: str = setting("COCO folder (annotations/instances_<split>.json, <split>/) for the config's "
+                             "coco_<year>_<train|val> datasets; default: Detectron2's DETECTRON2_DATASETS/coco", "",
+                             metavar="DIR")
+    num_gpus: int = setting("GPU workers per machine to spawn (Detectron2's launch)", 1, metavar="N")
+    num_machines: int = setting("machines of a launch", 1, metavar="M")
+    machine_rank: int = setting("this machine's rank in a launch", 0, metavar="R")
+    dist_url: str = setting("rendezvous of a launch (tcp://host:port; auto: a free local port, one machine)", "auto",
+                            metavar="U")
+    opts: tuple[str, ...] = setting("Detectron2 config overrides, e.g. SOLVER.MAX_ITER 1000 SOLVER.IMS_PER_BATCH 8",
+                                    (), positional=True, metavar="KEY VALUE")
+    # --- derived at resolution (not settable)
+    detectron2: dict[str, Any] = setting("the resolved Detectron2 config", {}, derived=True)
+    adapted: tuple[str, ...] = setting("what the resolution changed for the run's ranks and device", (),
+                                       derived=True)
+
+    @property
+    def launches(self) -> bool:
+        """Whether this process spawns the ranks (Detectron2's ``launch``) instead of being one."""
+        return self.num_gpus > 1 or self.num_machines > 1
+
+    def validate(self) -> None:
+        super().validate()
+        require_all([
+            (self.num_gpus >= 1 and self.num_machines >= 1, "--num-gpus and --num-machines must be positive"),
+            (0 <= self.machine_rank < self.num_machines, f"--machine-rank must be in [0, {self.num_machines})"),
+            (self.num_machines == 1 or self.dist_url != "auto",
+             "--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0"),
+            (len(self.opts) % 2 == 0, f"config overrides come as KEY VALUE pairs; got {len(self.opts)} items: "
+                                      f"{list(self.opts)}"),
+        ])
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The trainer's flags (importing this module imports neither torch nor detectron2)."""
-    parser = ArgumentParser(prog=PROG, description="Fine-tune Mask R-CNN on COCO from SparK weights (tables 9, 10) "
-                                                   "with Detectron2; evaluate box and mask AP with pycocotools.",
-                            epilog="KEY VALUE pairs override the config, e.g. SOLVER.MAX_ITER 1000 "
-                                   "SOLVER.IMS_PER_BATCH 8")
-    parser.add_argument("--config", required=True, metavar="C",
-                        help="a shipped config name (mask_rcnn_R_50_FPN_1x, mask_rcnn_R_50_FPN_2x, "
-                             "mask_rcnn_R_50_FPN_1x_published, mask_rcnn_convnext_base_FPN_3x, tiny) or a YAML file")
-    parser.add_argument("--weights", required=True, metavar="W",
-                        help="pretrained weights: a Detectron2 .pkl (downstream.convert detectron2) or model .pth, "
-                             "or any file python -m downstream.convert reads (encoder_timm.pth, a SparK "
-                             "checkpoint-last.pth, the released SparK files...: timm backbone or ResNet); 'none' "
-                             "trains from scratch")
-    parser.add_argument(TRUST_FLAG, action="store_true", help="unpickle --weights fully even if it holds Python "
-                        "objects beyond tensors and plain values (that can run code: only for files you trust)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="run folder")
-    parser.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint-last.pth if present")
-    parser.add_argument("--coco-root", metavar="DIR",
-                        help="COCO folder (annotations/instances_<split>.json, <split>/) for the config's "
-                             "coco_<year>_<train|val> datasets; default: Detectron2's DETECTRON2_DATASETS/coco")
-    parser.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype (SOLVER.PRECISION.AMP; default auto: "
-                                                           "bf16 where the device computes it natively)")
-    parser.add_argument("--channels-last", choices=CHANNELS_LAST_CHOICES,
-                        help="channels-last memory format (SOLVER.PRECISION.CHANNELS_LAST; default auto)")
-    parser.add_argument("--stop-signals", nargs="+", default=list(DEFAULT_STOP_SIGNALS), metavar="SIG",
-                        help="signals that save a checkpoint and stop cleanly (default: %(default)s)")
-    parser.add_argument("--num-gpus", type=int, default=1, metavar="N", help="GPU workers per machine to spawn")
-    parser.add_argument("--num-machines", type=int, default=1, metavar="M", help="machines of a launch")
-    parser.add_argument("--machine-rank", type=int, default=0, metavar="R", help="this machine's rank in a launch")
-    parser.add_argument("--dist-url", default="auto", metavar="U",
-                        help="rendezvous of a launch (tcp://host:port; auto: a free local port, one machine)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("opts", nargs="*", metavar="KEY VALUE", help="config overrides")
-    return parser
+SCHEMA: ConfigSchema[DetConfig] = ConfigSchema(DetConfig, None)
 
 
-def _dist_env():  # -> DistEnv
-    """This process's rank: from a running process group (spawned by ``launch``) or the environment."""
-    import torch.distributed as dist
-
-    from pretrain.runtime.distributed import DistEnv, init_distributed
-
-    from .compat import setup_local_process_group
-
-    if dist.is_available() and dist.is_initialized():  # a worker of Detectron2's launch
-        import torch
-        from detectron2.utils import comm
-
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        return DistEnv(dist.get_rank(), dist.get_world_size(), comm.get_local_rank(), device)
-    env = init_distributed("auto")
-    if env.distributed:
-        setup_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
-    return env
-
-
-def _resolve(args: argparse.Namespace, env: Any):  # -> (CfgNode, Precision, notes)
-    """Detectron2 config of the run: file + overrides + flags, adapted to this process, precision resolved."""
-    from pretrain.runtime.precision import choose_precision
+def _resolved_detectron2(cfg: DetConfig, world_size: int, device: str) -> tuple[dict[str, Any], list[str]]:
+    """Detectron2's config of ``cfg`` (file + overrides + the suite's flags), adapted to the ranks, as data."""
+    import yaml
 
     from .config import adapt_to_run, load_config
 
-    cfg = load_config(args.config, args.opts)
-    if args.amp:
-        cfg.SOLVER.PRECISION.AMP = args.amp
-    if args.channels_last:
-        cfg.SOLVER.PRECISION.CHANNELS_LAST = args.channels_last
-    cfg.OUTPUT_DIR = str(args.out)
-    cfg.MODEL.WEIGHTS = "" if args.weights == "none" else str(args.weights)
-    notes = adapt_to_run(cfg, env.world_size, env.device.type)
-    try:
-        precision = choose_precision(env.device, cfg.SOLVER.PRECISION.AMP, cfg.SOLVER.PRECISION.CHANNELS_LAST)
-    except ValueError as error:
-        raise UsageError(f"SOLVER.PRECISION: {error}") from error
-    cfg.SOLVER.PRECISION.AMP = precision.amp
-    cfg.SOLVER.PRECISION.CHANNELS_LAST = "on" if precision.channels_last else "off"
-    if cfg.SOLVER.IMS_PER_BATCH % env.world_size:
-        raise UsageError(f"SOLVER.IMS_PER_BATCH {cfg.SOLVER.IMS_PER_BATCH} is not divisible by {env.world_size} ranks")
-    cfg.freeze()
-    return cfg, precision, notes
+    d2 = load_config(cfg.preset, cfg.opts)
+    d2.OUTPUT_DIR = cfg.out
+    d2.MODEL.WEIGHTS = "" if cfg.weights == "none" else cfg.weights
+    notes = adapt_to_run(d2, world_size, device)
+    return yaml.safe_load(d2.dump()), notes
 
 
-def _prepare_data(cfg: Any, coco_root: str | None) -> dict[str, dict]:
+def _planned_detectron2(cfg: DetConfig, world_size: int, device: str) -> tuple[dict[str, Any], list[str]]:
+    """The values the config file sets, adapted to the ranks: the sweep's dry run, without Detectron2."""
+    values = read_plain(cfg.preset, cfg.opts)
+    return values, adapt_norms(values, world_size, device)
+
+
+class DetCommand(StageCommand):
+    """``python -m downstream.det.train``: the stage contract of :mod:`pretrain.runtime.stage` for detection."""
+
+    prog = "python -m downstream.det.train"
+    description = ("Fine-tune Mask R-CNN on COCO from SparK weights (tables 9, 10) with Detectron2; evaluate box and "
+                   "mask AP with pycocotools.")
+    epilog = "KEY VALUE pairs override the Detectron2 config, e.g. SOLVER.MAX_ITER 1000 SOLVER.IMS_PER_BATCH 8"
+    schema = SCHEMA
+    config_required = True
+    config_help = f"a shipped Detectron2 config ({', '.join(shipped_configs())}) or a YAML file"
+    intermixed = True
+    runner = "downstream.det.train:train_rank"
+
+    def resolve(self, preset: str | None, overrides: Mapping[str, Any], target: RunTarget) -> DetConfig:
+        cfg = SCHEMA.resolve(preset, overrides)
+        world_size = cfg.num_gpus * cfg.num_machines if cfg.launches else target.world_size
+        device = "cuda" if cfg.launches else target.device
+        build = _planned_detectron2 if target.planning else _resolved_detectron2
+        d2, notes = build(cfg, world_size, device)
+        images = lookup(d2, "SOLVER.IMS_PER_BATCH", 16)
+        if images % world_size:
+            raise ConfigError(f"SOLVER.IMS_PER_BATCH {images} is not divisible by {world_size} ranks")
+        return dataclasses.replace(cfg.derive(world_size), detectron2=d2, adapted=tuple(notes))
+
+    def check_run(self, cfg: DetConfig) -> None:
+        if D2_KEY.fullmatch(cfg.resume) and not os.path.exists(cfg.resume):
+            raise ConfigError(f"--resume took {cfg.resume!r} as its checkpoint: before KEY VALUE pairs write "
+                              "--resume auto")
+        super().check_run(cfg)
+        if not cfg.weights:
+            raise ConfigError("--weights is required: a Detectron2 .pkl, a SparK checkpoint or encoder_timm.pth, a "
+                              "Detectron2 model .pth, or none to train from scratch")
+        if cfg.weights != "none" and not os.path.isfile(cfg.weights):
+            raise ConfigError(f"--weights file not found: {cfg.weights} (use 'none' to train from scratch)")
+
+    def facts(self, cfg: DetConfig, target: RunTarget) -> dict[str, Any]:
+        target = RunTarget(cfg.world_size, "cuda" if cfg.launches else target.device)
+        return super().facts(cfg, target)
+
+    def summary(self, cfg: DetConfig) -> str:
+        images = lookup(cfg.detectron2, "SOLVER.IMS_PER_BATCH", 16)
+        norms = sorted({str(lookup(cfg.detectron2, key)) for key in ("MODEL.RESNETS.NORM", "MODEL.FPN.NORM",
+                                                                    "MODEL.TIMM.NORM") if lookup(cfg.detectron2, key)})
+        return (f"{images} images per iteration = {images // cfg.world_size} x {cfg.world_size} rank(s), BASE_LR "
+                f"{lookup(cfg.detectron2, 'SOLVER.BASE_LR', '?')}, norms {', '.join(norms) or 'as the model'}")
+
+    def join(self, cfg: DetConfig) -> Any:
+        """This rank: from the process group Detectron2's ``launch`` started, else from the environment (with
+        Detectron2's local process group set up for SLURM / torchrun ranks)."""
+        import torch.distributed as dist
+
+        from pretrain.runtime.distributed import DistEnv, init_distributed
+
+        from .compat import setup_local_process_group
+
+        if dist.is_available() and dist.is_initialized():  # a worker of Detectron2's launch
+            import torch
+            from detectron2.utils import comm
+
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+            return DistEnv(dist.get_rank(), dist.get_world_size(), comm.get_local_rank(), device)
+        env = init_distributed(cfg.device, cfg.dist_timeout_min)
+        if env.distributed:
+            setup_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None)
+        return env
+
+    def start(self, cfg: DetConfig, stop: StopRequest) -> Outcome:
+        return _launch(cfg) if cfg.launches else super().start(cfg, stop)
+
+
+def _prepare_data(cfg: Any, coco_root: str) -> dict[str, dict]:
     """Register (``--coco-root``) or locate the config's datasets and check them; returns their counts."""
     from detectron2.data import MetadataCatalog
 
@@ -155,83 +211,58 @@ def _prepare_data(cfg: Any, coco_root: str | None) -> dict[str, dict]:
     return counts
 
 
-def _check_out(args: argparse.Namespace) -> None:
-    from pretrain.runtime.checkpoint import find_checkpoint
-
-    existing = find_checkpoint(args.out) if os.path.isdir(args.out) else None
-    if existing and not args.resume:
-        raise UsageError(f"{args.out} already holds {existing}; pass --resume to continue it or choose another --out")
+def _model_name(d2: Any) -> str:
+    return d2.MODEL.TIMM.NAME if "timm" in d2.MODEL.BACKBONE.NAME else f"resnet{d2.MODEL.RESNETS.DEPTH}"
 
 
-def _resolved(args: argparse.Namespace, cfg: Any, precision: Any, world_size: int, notes: list[str]) -> dict:
-    """The run's resolved configuration as plain data (``config.json``, ``--print-config``, ``result.json``)."""
-    import yaml
-
-    return {"config": str(args.config), "weights": str(args.weights), "coco_root": args.coco_root,
-            "world_size": world_size, "precision": precision.to_dict(), "adapted": notes,
-            "detectron2": yaml.safe_load(cfg.dump())}
-
-
-def _write_config(args: argparse.Namespace, cfg: Any, precision: Any, env: Any, notes: list[str]) -> dict:
-    resolved = _resolved(args, cfg, precision, env.world_size, notes)
-    if env.is_main:
-        atomic_write_text(join(args.out, "config.yaml"), cfg.dump())
-        atomic_write_json(join(args.out, "config.json"), resolved)
-    return resolved
-
-
-def _train(args: argparse.Namespace, stop: StopRequest) -> Outcome:
+def train_rank(cfg: DetConfig, env: Any, stop: StopRequest) -> Outcome:
     """One rank of a run (the whole run on one process)."""
     import torch
     from detectron2.utils.env import seed_all_rng
 
+    from .config import from_resolved
     from .engine import DetTrainer
     from .evaluation import det_metrics, format_table
 
-    env = _dist_env()
-    setup_logging(env.is_main)
-    cfg, precision, notes = _resolve(args, env)
-    counts = _prepare_data(cfg, args.coco_root)
-    resolved = _write_config(args, cfg, precision, env, notes)
-    logger.info("%s", precision.describe())
-    for note in notes:
+    precision = prepare_run(cfg, env.device)
+    resume_from = find_resume_path(cfg.out, cfg.resume)
+    d2 = from_resolved(cfg.detectron2)
+    counts = _prepare_data(d2, cfg.coco_root)
+    record = run_record(cfg, precision=precision.to_dict())
+    if env.is_main:
+        atomic_write_text(join(cfg.out, "config.yaml"), d2.dump())
+        atomic_write_json(join(cfg.out, "config.json"), record)
+    for note in cfg.adapted:
         logger.info("config adapted: %s", note)
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + env.rank)
-    torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+    seed_all_rng(None if d2.SEED < 0 else d2.SEED + env.rank)
+    torch.backends.cudnn.benchmark = d2.CUDNN_BENCHMARK
     started = time.monotonic()
-    trainer = DetTrainer(cfg, stop)
-    logger.info("%s", trainer.resume_or_load(resume=args.resume, weights=str(args.weights), trust=args.trust_weights))
+    trainer = DetTrainer(d2, precision, stop)
+    logger.info("%s", trainer.resume_or_load(resume_from, weights=cfg.weights, trust=cfg.trust_weights))
     try:
         finished = trainer.train()
     except FloatingPointError as error:
-        raise RunError(f"{error}".splitlines()[0] + f"; the last checkpoint in {args.out} is kept") from error
+        raise RunError(f"{error}".splitlines()[0] + f"; the last checkpoint in {cfg.out} is kept") from error
     if not finished:
-        outcome = Outcome("stopped", f"stopped by {stop.signal_name} after iteration {trainer.iter + 1} of "
-                                     f"{cfg.SOLVER.MAX_ITER}: checkpoint saved, rerun with --resume", args.out,
-                          stop.signal_name)
-    elif env.is_main:  # the evaluation's numbers live on the main rank
-        metrics = det_metrics(trainer.last_results)
-        extra = {"iterations": cfg.SOLVER.MAX_ITER, "train_time_s": round(time.monotonic() - started, 1)}
-        write_result(args.out, "det", cfg.MODEL.TIMM.NAME if "timm" in cfg.MODEL.BACKBONE.NAME
-                     else f"resnet{cfg.MODEL.RESNETS.DEPTH}", {**metrics, **extra}, resolved,
-                     inputs={"weights": str(args.weights), "data": {"coco_root": args.coco_root, "splits": counts}},
-                     outputs={"weights": join(args.out, "model_final.pth"), "config": join(args.out, "config.yaml")})
-        print(format_table(metrics))
-        message = (f"done: {cfg.SOLVER.MAX_ITER} iterations; box AP {metrics.get('bbox_AP')}, mask AP "
-                   f"{metrics.get('segm_AP')}; results in {join(args.out, RESULT)}")
-        outcome = Outcome("completed", message, args.out)
-    else:
-        outcome = Outcome("completed", f"done: {cfg.SOLVER.MAX_ITER} iterations", args.out)
-    if env.is_main:
-        print(outcome.message)
-    return outcome
+        return stopped_outcome(cfg.out, stop.signal_name, f"after iteration {trainer.iter + 1} of {d2.SOLVER.MAX_ITER}")
+    if not env.is_main:
+        return Outcome("completed", f"done: {d2.SOLVER.MAX_ITER} iterations", cfg.out)
+    metrics = det_metrics(trainer.last_results)  # the evaluation's numbers live on the main rank
+    extra = {"iterations": d2.SOLVER.MAX_ITER, "train_time_s": round(time.monotonic() - started, 1)}
+    write_result(cfg.out, "det", _model_name(d2), {**metrics, **extra}, record,
+                 inputs={"weights": cfg.weights, "data": {"coco_root": cfg.coco_root or None, "splits": counts},
+                         "resumed_from": resume_from},
+                 outputs={"weights": join(cfg.out, "model_final.pth"), "config": join(cfg.out, "config.yaml")})
+    print(format_table(metrics))
+    return Outcome("completed", f"done: {d2.SOLVER.MAX_ITER} iterations; box AP {metrics.get('bbox_AP')}, mask AP "
+                                f"{metrics.get('segm_AP')}; results in {join(cfg.out, RESULT)}", cfg.out)
 
 
-def _launched_worker(args: argparse.Namespace) -> None:
+def _launched_worker(cfg: DetConfig) -> None:
     """Body of a GPU worker spawned by Detectron2's ``launch``."""
     stop = StopRequest()
-    with stop.installed(parse_signals(args.stop_signals)):
-        _train(args, stop)
+    with stop.installed(parse_signals(cfg.stop_signals)):
+        StageCommand.start(COMMAND, cfg, stop)
 
 
 def _forward_to_children(signum: int, frame: object) -> None:
@@ -239,65 +270,30 @@ def _forward_to_children(signum: int, frame: object) -> None:
         os.kill(child.pid, signum)
 
 
-def _launch(args: argparse.Namespace) -> Outcome:
+def _launch(cfg: DetConfig) -> Outcome:
     """Spawn ``--num-gpus`` workers on this machine (Detectron2's ``launch``); stop signals are forwarded."""
     import torch
     from detectron2.engine import launch
 
-    if torch.cuda.device_count() < args.num_gpus:
-        raise UsageError(f"--num-gpus {args.num_gpus}: {torch.cuda.device_count()} GPUs visible (Detectron2's launch "
+    if torch.cuda.device_count() < cfg.num_gpus:
+        raise UsageError(f"--num-gpus {cfg.num_gpus}: {torch.cuda.device_count()} GPUs visible (Detectron2's launch "
                          "spawns one process per GPU; CPU ranks come from torchrun or a SLURM step instead)")
-    if args.num_machines > 1 and args.dist_url == "auto":
-        raise UsageError("--num-machines > 1 needs --dist-url tcp://HOST:PORT of machine 0")
-    signals = parse_signals(args.stop_signals)
+    signals = parse_signals(cfg.stop_signals)
     previous = {sig: signal.signal(sig, _forward_to_children) for sig in signals}
     try:
-        launch(_launched_worker, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-               dist_url=args.dist_url, args=(args,))
+        launch(_launched_worker, cfg.num_gpus, num_machines=cfg.num_machines, machine_rank=cfg.machine_rank,
+               dist_url=cfg.dist_url, args=(cfg,))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if os.path.isfile(join(args.out, RESULT)):
-        return Outcome("completed", f"done; results in {join(args.out, RESULT)}", args.out)
-    return Outcome("stopped", f"workers ended without a result: rerun with --resume to continue {args.out}", args.out)
+    if os.path.isfile(join(cfg.out, RESULT)):
+        return Outcome("completed", f"done; results in {join(cfg.out, RESULT)}", cfg.out)
+    return Outcome("stopped", f"workers ended without a result: run again with --resume auto to continue {cfg.out}",
+                   cfg.out)
 
 
-def run(argv: Sequence[str] | None = None, stop: StopRequest | None = None) -> Outcome:
-    """Parse ``argv`` and train (the stage entry point the sweep calls in-process).
-
-    Raises :class:`UsageError` / :class:`SuiteError` subclasses on bad input; returns ``Outcome("completed")`` with
-    ``result.json`` written, or ``Outcome("stopped")`` after a stop signal (checkpoint saved).
-    """
-    args = build_parser().parse_intermixed_args(argv)
-    try:
-        parse_signals(args.stop_signals)
-    except ValueError as error:
-        raise UsageError(f"--stop-signals: {error}") from error
-    if args.weights != "none" and not os.path.isfile(args.weights):
-        raise UsageError(f"--weights file not found: {args.weights} (use 'none' to train from scratch)")
-    if args.print_config:
-        from pretrain.runtime.distributed import DistEnv
-
-        cfg, precision, notes = _resolve(args, DistEnv())
-        print(json.dumps(_resolved(args, cfg, precision, 1, notes), indent=2))
-        return Outcome("printed", "printed the resolved config")
-    _check_out(args)
-    if args.num_gpus > 1 or args.num_machines > 1:
-        return _launch(args)
-    stop = stop or StopRequest()
-    with stop.installed(parse_signals(args.stop_signals)):
-        from pretrain.runtime.distributed import shutdown_distributed
-
-        try:
-            return _train(args, stop)
-        finally:
-            shutdown_distributed()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI: 0 when done or stopped after saving, 1 on a runtime error, 2 on a usage error."""
-    return run_cli(PROG, lambda: run(argv) and 0)
-
+COMMAND = DetCommand()
+build_parser, run, main = COMMAND.build_parser, COMMAND.run, COMMAND.main
 
 if __name__ == "__main__":
     sys.exit(main())

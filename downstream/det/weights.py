@@ -55,8 +55,8 @@ class WeightsReport:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel and the training autocast wrapper."""
-    while isinstance(model, DistributedDataParallel) or hasattr(model, "autocast_wrapper"):
+    """The model inside DistributedDataParallel."""
+    while isinstance(model, DistributedDataParallel):
         model = model.module
     return model
 

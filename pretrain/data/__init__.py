@@ -3,7 +3,7 @@
 ``python -m pretrain.data --help`` lists the command-line tools.
 """
 
-from .demo import DemoSpec, default_demo_root, ensure_demo_data, make_demo_dataset
+from .demo import DemoSpec, default_demo_root, demo_data_for_run, ensure_demo_data, make_demo_dataset
 from .folder import (
     Batch,
     DataError,
@@ -25,6 +25,7 @@ __all__ = [
     "build_pretrain_dataset",
     "collate_skip_corrupt",
     "default_demo_root",
+    "demo_data_for_run",
     "denormalize",
     "ensure_demo_data",
     "eval_transform",

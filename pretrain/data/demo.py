@@ -215,3 +215,14 @@ def ensure_demo_data(root: str | os.PathLike | None = None, spec: DemoSpec | Non
         if not (root / MANIFEST).is_file():  # not another process that finished first
             raise
     return root
+
+
+def demo_data_for_run(is_main: bool) -> Path:
+    """The embedded demo set (``--data demo``) for a run of one or several ranks: the main rank draws it if it is
+    missing while the others wait, then every rank gets its root (``train/``, ``val/``)."""
+    from ..runtime.distributed import barrier
+
+    if is_main:
+        ensure_demo_data()
+    barrier()
+    return ensure_demo_data()

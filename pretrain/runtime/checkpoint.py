@@ -1,4 +1,4 @@
-"""Checkpoint files of every stage: atomic ``torch.save``, one reader with one error type, RNG states.
+"""Checkpoint files of every stage: atomic ``torch.save``, one reader with one error type, RNG states and seeding.
 
 ``checkpoint-last.pth`` keeps its predecessor as ``checkpoint-last.pth.prev`` and :func:`find_checkpoint`
 falls back to it if a crash lands between the two renames of an atomic write (:mod:`.io`).
@@ -6,8 +6,9 @@ falls back to it if a crash lands between the two renames of an atomic write (:m
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 from iopath.common.file_io import PathManager
 
 from .errors import SuiteError
-from .io import PREVIOUS_SUFFIX, atomic_write, join
+from .io import CHECKPOINT, PREVIOUS_SUFFIX, atomic_write, find_checkpoint
 
 __all__ = [
     "CHECKPOINT",
@@ -25,10 +26,9 @@ __all__ = [
     "load_torch",
     "restore_rng",
     "save_torch",
+    "seed_everything",
+    "seeded_host_rngs",
 ]
-
-CHECKPOINT = "checkpoint-last.pth"
-
 
 class CheckpointError(SuiteError, RuntimeError):
     """A checkpoint that is missing, cannot be read, or is not the kind of file the caller needs."""
@@ -37,16 +37,6 @@ class CheckpointError(SuiteError, RuntimeError):
 def save_torch(path: str, obj: Any, keep_previous: bool = False, pm: PathManager | None = None) -> None:
     """Atomically ``torch.save`` ``obj`` to ``path``."""
     atomic_write(path, lambda handle: torch.save(obj, handle), keep_previous=keep_previous, pm=pm)
-
-
-def find_checkpoint(folder: str, pm: PathManager | None = None) -> str | None:
-    """``folder/checkpoint-last.pth``, else its ``.prev`` (a crash between the two renames), else None."""
-    pm = pm or PathManager()
-    last = join(folder, CHECKPOINT)
-    for candidate in (last, last + PREVIOUS_SUFFIX):
-        if pm.exists(candidate):
-            return candidate
-    return None
 
 
 def load_torch(
@@ -96,3 +86,27 @@ def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_host_rngs(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's CPU generators seeded with ``seed`` inside the block, their previous states
+    restored after it (CUDA generators are left alone). Gives a data sample the same random augmentation
+    whichever process, worker or position in a resumed epoch draws it."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])

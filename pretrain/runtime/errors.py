@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SuiteError", "UsageError"]
+__all__ = ["RunError", "SuiteError", "UsageError"]
 
 
 class SuiteError(Exception):
@@ -14,3 +14,7 @@ class SuiteError(Exception):
 
 class UsageError(SuiteError, ValueError):
     """A command line or configuration that cannot run (unknown key, bad value): one line, exit 2."""
+
+
+class RunError(SuiteError, RuntimeError):
+    """A run that cannot continue (a non-finite loss, an empty epoch): one line, exit 1."""

@@ -19,11 +19,13 @@ from typing import IO, Any
 
 from iopath.common.file_io import PathManager
 
-__all__ = ["PREVIOUS_SUFFIX", "atomic_write", "atomic_write_json", "atomic_write_text", "join", "read_json",
-           "staged_folder"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FILES", "PREVIOUS_SUFFIX", "atomic_write", "atomic_write_json",
+           "atomic_write_text", "find_checkpoint", "join", "read_json", "staged_folder"]
 
 PREVIOUS_SUFFIX = ".prev"
 TMP_SUFFIX = ".tmp"
+CHECKPOINT = "checkpoint-last.pth"  # every stage's resumable checkpoint in its run folder
+CHECKPOINT_FILES = (CHECKPOINT, CHECKPOINT + PREVIOUS_SUFFIX)  # what find_checkpoint looks for, in order
 
 
 def join(folder: str, name: str) -> str:
@@ -68,6 +70,16 @@ def atomic_write(
         else:
             pm.rm(path)
     _move(pm, tmp, path)
+
+
+def find_checkpoint(folder: str, pm: PathManager | None = None) -> str | None:
+    """``folder/checkpoint-last.pth``, else its ``.prev`` (a crash between the two renames), else None."""
+    pm = pm or PathManager()
+    for name in CHECKPOINT_FILES:
+        candidate = join(folder, name)
+        if pm.exists(candidate):
+            return candidate
+    return None
 
 
 def atomic_write_text(path: str, text: str, pm: PathManager | None = None) -> None:

@@ -1,16 +1,20 @@
 """The training loop every stage shares: it knows nothing of the task, which it is handed with its hooks.
 
 A stage gives the :class:`Trainer` its :class:`Task` (the loss of one micro-batch), an optimiser, a
-``schedule(step)`` that sets the step's learning rate (and weight decay) and returns what to log, and
-:class:`Hook` objects that run after each step and epoch (metrics, checkpoints, evaluation, EMA). The loop
-owns what every stage needs done the same way: resumable data order, gradient accumulation with DDP,
-autocast, agreement of all ranks on the loss and on stopping, non-finite checks, gradient clipping,
-progress bars, and stop requests that save a checkpoint and end the epoch early.
+``schedule(step)`` that sets the step's learning rate (and weight decay) and returns what to log, its
+:class:`EpochData` and :class:`Hook` objects, registered with :meth:`Trainer.register_hooks`, that run before
+training, before each epoch, after each step and epoch, and after training (metrics, checkpoints, evaluation,
+EMA). :meth:`Trainer.run` owns the run as Detectron2's ``TrainerBase.train`` does: RNG state, ``before_train``,
+the epochs, stop requests (checkpoint saved, run ends early), non-finite losses (an error naming the step and the
+last good checkpoint), and ``after_train`` in a ``finally``. The loop also owns what every stage needs done the
+same way inside an epoch: resumable data order with per-sample augmentation seeds, gradient accumulation with DDP,
+autocast, agreement of all ranks on the loss and on stopping, gradient clipping, progress bars.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,18 +27,23 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .checkpoint import restore_rng, seed_everything, seeded_host_rngs
 from .distributed import DistEnv, all_reduce_sum
+from .errors import RunError
 from .precision import Precision
 from .runlog import RunLogger
 from .signals import StopRequest
 
 __all__ = [
+    "EpochData",
     "Hook",
     "LoopSettings",
     "MetricsHook",
     "NonFiniteError",
     "EpochSaveHook",
     "PeriodicSaveHook",
+    "SampleSeeded",
+    "Saver",
     "StepResult",
     "Task",
     "TrainState",
@@ -42,6 +51,8 @@ __all__ = [
     "derive_seed",
     "epoch_loader",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -126,6 +137,9 @@ class Hook:
     def before_train(self, trainer: Trainer) -> None:
         """Called once before the first step of this process."""
 
+    def before_epoch(self, trainer: Trainer) -> None:
+        """Called before each epoch (or the rest of a resumed one) starts."""
+
     def after_step(self, trainer: Trainer, result: StepResult, scalars: Mapping[str, float]) -> None:
         """Called after every optimiser step with its agreed result and the schedule's scalars."""
 
@@ -133,7 +147,17 @@ class Hook:
         """Called after an epoch completes (``trainer.state.epoch`` already counts it)."""
 
     def after_train(self, trainer: Trainer) -> None:
-        """Called once when the loop ends, completed, stopped or failed."""
+        """Called once when the loop ends, completed, stopped or failed (``trainer.completed`` says which)."""
+
+
+class Saver(Protocol):
+    """What the trainer needs of a checkpointer: ``save(state, snapshot=False)`` on every rank, the checkpoint's
+    ``path`` and the step it last saved or loaded (``saved_step``, None before either)."""
+
+    path: str
+    saved_step: int | None
+
+    def save(self, state: TrainState, snapshot: bool = False) -> None: ...
 
 
 def derive_seed(*parts: int) -> int:
@@ -141,30 +165,60 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def epoch_loader(
-    dataset: Dataset, sampler: Sampler, batch_size: int, epoch: int, skip_batches: int, workers: int, seed: int,
-    env: DistEnv, collate_fn: Callable | None = None,
-) -> DataLoader:
-    """This rank's batches of ``epoch`` from ``sampler`` (set to the epoch) without the first ``skip_batches``.
+class SampleSeeded(Dataset):
+    """``dataset`` read by ``(position, index)`` pairs: item ``index`` drawn with Python's, NumPy's and torch's
+    CPU generators seeded from (``seed``, ``epoch``, ``rank``, ``position``), ``position`` being the sample's place
+    in this rank's epoch. Its random augmentation then depends on the run's seed and the sample's place, not on
+    the data worker that draws it nor on where a resumed epoch restarts; the caller's generators are left as
+    they were."""
 
-    The order depends only on the sampler's seed, the epoch and the rank, and the loader's own generator (not
-    the global RNG) seeds its workers, so a resumed run sees exactly the batches the interrupted one had not
-    consumed. Incomplete last batches are dropped.
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, rank: int) -> None:
+        self.dataset, self.seed, self.epoch, self.rank = dataset, seed, epoch, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        position, index = item
+        with seeded_host_rngs(derive_seed(self.seed, self.epoch, self.rank, position)):
+            return self.dataset[index]
+
+
+@dataclass(frozen=True)
+class EpochData:
+    """A stage's training data: ``dataset``, the ``sampler`` that orders an epoch (``set_epoch`` reshuffles),
+    per-rank ``batch_size``, loader ``workers``, the run's ``seed`` and the ``collate_fn`` of its batches."""
+
+    dataset: Dataset
+    sampler: Sampler
+    batch_size: int
+    workers: int
+    seed: int
+    collate_fn: Callable | None = None
+
+
+def epoch_loader(data: EpochData, epoch: int, skip_batches: int, env: DistEnv) -> DataLoader:
+    """This rank's batches of ``epoch`` from ``data.sampler`` (set to the epoch) without the first ``skip_batches``.
+
+    The order depends only on the sampler's seed, the epoch and the rank, and each sample's augmentation only on
+    (seed, epoch, rank, its position in the epoch) (:class:`SampleSeeded`): a resumed run sees exactly the
+    batches, augmented alike, that the interrupted one had not consumed, whatever the number of data workers.
+    Incomplete last batches are dropped.
     """
-    if hasattr(sampler, "set_epoch"):
-        sampler.set_epoch(epoch)
-    indices = list(sampler)[skip_batches * batch_size:]
+    if hasattr(data.sampler, "set_epoch"):
+        data.sampler.set_epoch(epoch)
+    order = list(enumerate(data.sampler))[skip_batches * data.batch_size:]
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=indices, drop_last=True, num_workers=workers,
-        collate_fn=collate_fn, pin_memory=env.device.type == "cuda",
-        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, env.rank)),
+        SampleSeeded(data.dataset, data.seed, epoch, env.rank), batch_size=data.batch_size, sampler=order,
+        drop_last=True, num_workers=data.workers, collate_fn=data.collate_fn, pin_memory=env.device.type == "cuda",
+        generator=torch.Generator().manual_seed(derive_seed(data.seed, epoch, env.rank)),
     )
 
 
 @dataclass
 class Trainer:
-    """Runs epochs of ``task`` with ``optimizer``; ``save(state)`` is called on every rank when a stop request
-    needs a checkpoint (the periodic and epoch-end saves are hooks)."""
+    """Runs the epochs of ``task`` on ``data`` with ``optimizer`` (:meth:`run`); ``checkpointer.save(state)`` is
+    called on every rank when a stop request needs a checkpoint (the periodic and epoch-end saves are hooks)."""
 
     task: Task
     optimizer: torch.optim.Optimizer
@@ -174,9 +228,57 @@ class Trainer:
     precision: Precision
     logger: RunLogger
     stop: StopRequest
-    save: Callable[..., None]  # save(state, snapshot=False): a Checkpointer's save
+    checkpointer: Saver
+    data: EpochData | None = None  # needed by :meth:`run` (not by :meth:`step`)
     state: TrainState = field(default_factory=TrainState)
-    hooks: Sequence[Hook] = ()
+    hooks: list[Hook] = field(default_factory=list)
+    completed: bool = False  # every epoch ran (set by :meth:`run`)
+
+    def register_hooks(self, hooks: Sequence[Hook | None]) -> None:
+        """Append ``hooks`` (None entries skipped); they run in registration order."""
+        self.hooks.extend(h for h in hooks if h is not None)
+
+    def save(self, state: TrainState, snapshot: bool = False) -> None:
+        """Write the run's checkpoint at ``state`` (every rank calls it)."""
+        self.checkpointer.save(state, snapshot=snapshot)
+
+    def run(self, rng: Any = None) -> bool:
+        """Train the epochs left; True when all ran, False when a stop request ended the run (checkpoint saved).
+
+        ``rng``: this rank's RNG states from the checkpoint resumed (None: a fresh run, or another number of ranks,
+        seeded from (seed, step, rank)). ``before_train``, then per epoch ``before_epoch``, the steps, the epoch's
+        end (``after_epoch``); ``after_train`` always runs last. A non-finite loss or gradient norm raises
+        :class:`RunError` naming the step and the checkpoint kept.
+        """
+        state = self.state
+        if self.data is None:
+            raise ValueError("Trainer.run needs the stage's EpochData")
+        if rng is not None:
+            restore_rng(rng)
+        else:
+            seed_everything(derive_seed(self.settings.seed, state.step, self.env.rank))
+        try:
+            for hook in self.hooks:
+                hook.before_train(self)
+            while state.epoch < self.settings.epochs:
+                for hook in self.hooks:
+                    hook.before_epoch(self)
+                loader = epoch_loader(self.data, state.epoch, state.step_in_epoch * self.settings.grad_accum_steps,
+                                      self.env)
+                if self.train_epoch(loader):
+                    return False
+                epoch = state.epoch
+                logger.info("epoch %d/%d: mean training loss %.4f", epoch + 1, self.settings.epochs, self.end_epoch())
+            self.completed = True
+            return True
+        except NonFiniteError as error:
+            saved = self.checkpointer.saved_step
+            kept = (f"the last good checkpoint is {self.checkpointer.path} (iteration {saved})" if saved is not None
+                    else "no checkpoint had been saved yet")
+            raise RunError(f"{error} (epoch {state.epoch + 1}); stopped without saving: {kept}") from error
+        finally:
+            for hook in self.hooks:
+                hook.after_train(self)
 
     def _micro_batches(self, batches: Iterator) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """The next ``grad_accum_steps`` batches on the device, and how many of their images were unreadable."""

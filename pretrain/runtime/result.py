@@ -84,17 +84,19 @@ def read_result(path: str | os.PathLike, pm: PathManager | None = None) -> RunRe
     return RunResult(**{k: v for k, v in values.items() if k in known})
 
 
-def find_results(root: str | os.PathLike) -> Iterator[tuple[str, RunResult]]:
+def find_results(root: str | os.PathLike, unreadable: list[str] | None = None) -> Iterator[tuple[str, RunResult]]:
     """``(run folder, result)`` for every readable ``result.json`` below ``root``, in sorted folder order.
 
-    Unreadable files are skipped (a run that crashed while writing never leaves one: writes are atomic).
+    A file that exists but cannot be read (writes are atomic, so a crash never leaves one: something else damaged
+    it) is not a run that has not finished: its error line goes to ``unreadable`` (when given).
     """
     for folder, _, names in sorted(os.walk(root)):
         if RESULT in names:
             try:
                 yield folder, read_result(os.path.join(folder, RESULT))
-            except ResultError:
-                continue
+            except ResultError as error:
+                if unreadable is not None:
+                    unreadable.append(str(error))
 
 
 def read_metrics(path: str | os.PathLike, pm: PathManager | None = None) -> list[dict[str, Any]]:
