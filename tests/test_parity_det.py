@@ -39,7 +39,7 @@ def _suite_lr_factor(cfg, iteration: int) -> float:
 
 
 def _meta_model(config: str):
-    cfg = load_config(config, ["SOLVER.PRECISION.AMP", "none"])
+    cfg = load_config(config)
     adapt_to_run(cfg, 1, "cpu")  # SyncBN -> BN on one process: the norm classes the published rule names
     cfg.MODEL.DEVICE = "meta"
     return cfg, DetTrainer.build_model(cfg)

@@ -89,9 +89,22 @@ def test_readme_command_dry_runs(command, monkeypatch, tmp_path):
 ERROR_EXAMPLES = re.findall(r"^\$ (python .*?)\s+# exit (\d)\n(.*)$", README, re.M)
 
 
+def _write_example_file(name: str, folder: Path) -> None:
+    """The input files the README's error examples name, as the README describes them."""
+    import timm
+    import torch
+
+    if name == "unknown.pth":  # a file of no weights layout: keys ``format`` and ``x``
+        torch.save({"format": 1, "x": torch.zeros(2)}, folder / name)
+    elif name == "resnet18-plain.pth":  # a plain state dict of timm resnet18
+        torch.save(timm.create_model("resnet18").state_dict(), folder / name)
+
+
 @pytest.mark.parametrize(("command", "code", "message"), ERROR_EXAMPLES)
 def test_readme_error_examples_print_what_they_show(command, code, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for token in shlex.split(command):
+        _write_example_file(token, tmp_path)
     module, argv = _module_argv(command)
     exit_code, _, err = _call(module, argv)
     shown = message.split("...")[0].strip()

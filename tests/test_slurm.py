@@ -276,7 +276,7 @@ def test_detection_flags_of_every_sweep_resolve_with_the_detection_stage(tmp_pat
             outcome = train.run(["--out", str(tmp_path / exp.name), *argv, "--print-config"])
             assert outcome.status == "printed", exp.name
             iterations[exp.name] = json.loads(capsys.readouterr().out)["detectron2"]["SOLVER"]["MAX_ITER"]
-    assert iterations["r50-spark-det-2x"] == 2 * iterations["r50-spark-det-1x"]
+    assert abs(iterations["r50-spark-det-2x"] - 2 * iterations["r50-spark-det-1x"]) <= 1  # 24 epochs, rounded
     assert abs(iterations["cnxb-spark-det-3x"] - 3 * iterations["r50-spark-det-1x"]) <= 3  # 36 epochs, rounded
 
 

@@ -65,10 +65,12 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainingRunConfig, ste
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch / per_tick), total - 1)
     for group in optimizer.param_groups:
         group.setdefault("initial_weight_decay", group["weight_decay"])
-    # The cosine reaches its floor at the last tick, ``total - 1``, as the published SparK code's
-    # ``lr_wd_annealing`` does in pretraining and fine-tuning (tests/test_parity_cls.py).
+    # Per update, the cosine reaches its floor at the last step, ``total - 1``, as the published SparK code's
+    # ``lr_wd_annealing`` does in pretraining and fine-tuning (tests/test_parity_cls.py); per epoch it is MoCo v3's
+    # ``0.5 (1 + cos(pi epoch / epochs))``, whose floor lies one epoch past the run.
+    cosine_ticks = total - warmup - (1 if cfg.sched_on_updates else 0)
     scheduler = CosineLRScheduler(
-        optimizer, t_initial=max(total - warmup - 1, 1), lr_min=cfg.peak_lr * cfg.min_lr_ratio, warmup_t=warmup,
+        optimizer, t_initial=max(cosine_ticks, 1), lr_min=cfg.peak_lr * cfg.min_lr_ratio, warmup_t=warmup,
         warmup_lr_init=cfg.peak_lr * cfg.warmup_lr_ratio, warmup_prefix=True, t_in_epochs=False,
     )
     end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
