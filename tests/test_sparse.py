@@ -172,6 +172,19 @@ def test_global_maxima_ignore_masked_sites(pool) -> None:
     torch.testing.assert_close(_in_mode(active, pool, x), expected)
 
 
+def test_functional_max_pool_with_indices_ignores_masked_sites() -> None:
+    """``F.max_pool2d(..., return_indices=True)`` dispatches to another function than without indices: it must be
+    sparse too (found by the refusal tests: a masked zero used to win over negative visible values)."""
+    x, active = _visible_map()
+    x = x - 10 * upsample_mask(active, (8, 8))
+    values, indices = _in_mode(active, lambda t: F.max_pool2d(t, 4, return_indices=True), x)
+    expected, expected_indices = F.max_pool2d(torch.where(upsample_mask(active, (8, 8)), x, -torch.inf), 4,
+                                              return_indices=True)
+    visible = upsample_mask(active, (2, 2))
+    torch.testing.assert_close(values, torch.where(visible, expected, 0.0))
+    assert torch.equal(indices[visible.expand_as(indices)], expected_indices[visible.expand_as(indices)])
+
+
 def test_pooled_vectors_pass_convolutions_and_batchnorm_unmasked() -> None:
     """A squeeze-excitation-like path: 1x1 outputs are pooled vectors, not maps the 2x2 grid must mask."""
     x, active = _visible_map()
