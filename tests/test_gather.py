@@ -41,14 +41,14 @@ def _features_and_gradients(encoder: SparseEncoder, x: torch.Tensor, active: tor
 
 
 def check_backends_agree(name: str, dtype: torch.dtype = torch.float64, channels_last: bool = False,
-                         size: int = 64, batch: int = 2, keep: int = 2) -> None:
+                         size: int = 64, batch: int = 2, keep: int = 2, device: str = "cpu") -> None:
     """The gather backend gives the masked backend's four maps and gradients (each tensor on its own scale),
     writes nothing to masked sites and sends no gradient to masked pixels."""
-    masked, gather = _backends(name, dtype)
+    masked, gather = (encoder.to(device) for encoder in _backends(name, dtype))
     assert any(isinstance(m, (GatherConv2d, GatherLinear)) for m in gather.modules())
     assert gather.model.state_dict().keys() == masked.model.state_dict().keys()
-    active = random_mask(batch, size // 32, keep=keep, seed=1)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    active = random_mask(batch, size // 32, keep=keep, seed=1).to(device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         masked.to(memory_format=torch.channels_last), gather.to(memory_format=torch.channels_last)
