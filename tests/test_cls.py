@@ -178,8 +178,8 @@ def check_no_decay_on_biases_and_norms(model: torch.nn.Module, optimizer: torch.
 
 @pytest.mark.parametrize("recipe, overrides", [
     ("table7", {}),  # timm's own groups, no layer decay
-    ("table8-code", {"model": "resnet18"}),  # timm's layer decay groups
-    ("table7-code", {}),  # the published layer decay groups
+    ("table8-code", {"layer_decay_groups": "timm"}),  # timm's layer decay groups (0.7)
+    ("table8-code", {}),  # the published layer decay groups (0.7)
 ])
 def test_no_weight_decay_on_biases_and_norms(recipe, overrides):
     from downstream.cls.runner import build_optimizer
