@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from encoder_properties import add_branch_noise, make_pair, pixel_mask
+from encoder_properties import BRANCH_NOISE, add_branch_noise, make_pair, pixel_mask
 from equivalence import assert_per_tensor_close, named_gradients
 from test_amp import check_bf16_matches_fp32, noised_spark
 from test_gather import check_backends_agree
@@ -49,7 +49,7 @@ def _maps_and_gradients(model, x: torch.Tensor, active: torch.Tensor | None):
 def test_cuda_full_mask_equals_dense_and_masked_sites_are_zero(name: str, dtype: torch.dtype) -> None:
     """Values in fp32 and float64 (1e-5 / 1e-10 of each map); gradients of every tensor in float64 (1e-8; deep fp32
     nets in training mode are 1e-2 of some tensors off their own float64 gradients, dense or sparse)."""
-    reference, encoder = make_pair(name, perturb=0.2)
+    reference, encoder = make_pair(name, perturb=BRANCH_NOISE)
     reference, encoder = reference.to("cuda", dtype).train(), encoder.to("cuda", dtype).train()
     x = torch.randn(8, 3, 128, 128, device="cuda", dtype=dtype)
     full = torch.ones(8, 1, 4, 4, dtype=torch.bool, device="cuda")
@@ -98,7 +98,7 @@ def test_cuda_sparse_batch_norm_gradients_equal_cpu() -> None:
 
 def test_cuda_encoder_matches_cpu_in_float64() -> None:
     """The same noised ResNet-18, sparse, on the GPU and on the CPU: maps and every gradient within 1e-8."""
-    _, encoder = make_pair("resnet18", dtype=torch.float64, perturb=0.2)
+    _, encoder = make_pair("resnet18", dtype=torch.float64, perturb=BRANCH_NOISE)
     x = torch.randn(4, 3, 128, 128, dtype=torch.float64)
     active = build_spark("resnet18", decoder_width=64, input_size=128).mask(4, "cpu")
     results = []

@@ -8,7 +8,7 @@ import copy
 import pytest
 import timm
 import torch
-from encoder_properties import make_pair, pixel_mask, random_mask
+from encoder_properties import BRANCH_NOISE, make_pair, pixel_mask, random_mask
 from equivalence import assert_per_tensor_close, named_gradients
 from test_encoder import MODELS
 from test_families import FAMILIES
@@ -24,7 +24,7 @@ FP32_RTOL, FP64_RTOL = 1e-4, 1e-8
 
 def _backends(name: str, dtype: torch.dtype) -> tuple[SparseEncoder, SparseEncoder]:
     """The masked and the gather encoder of one noised timm model."""
-    reference, masked = make_pair(name, dtype=dtype, perturb=0.2)
+    reference, masked = make_pair(name, dtype=dtype, perturb=BRANCH_NOISE)
     return masked, SparseEncoder(copy.deepcopy(reference), backend="gather")
 
 
