@@ -399,6 +399,7 @@ def _pad(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -
 
 
 _MIXES_SITES = "mixes all sites of a feature map and has no sparse version"
+_ADAPTIVE_MAX = _adaptive(_max_pool, F.max_pool2d, _whole_max, "max")
 
 # One entry per torch function: how it runs on feature maps while the sparse encoder holds a mask.
 HANDLERS: Mapping[Callable, Handler] = MappingProxyType({
@@ -422,8 +423,10 @@ HANDLERS: Mapping[Callable, Handler] = MappingProxyType({
     torch.std_mean: _refuse_spatial(_MIXES_SITES),
     F.avg_pool2d: _avg_pool,
     F.max_pool2d: _max_pool,
+    F.max_pool2d_with_indices: _max_pool,  # F.max_pool2d(..., return_indices=True) dispatches here
     F.adaptive_avg_pool2d: _adaptive(_avg_pool, F.avg_pool2d, _whole_mean, "average"),
-    F.adaptive_max_pool2d: _adaptive(_max_pool, F.max_pool2d, _whole_max, "max"),
+    F.adaptive_max_pool2d: _ADAPTIVE_MAX,
+    F.adaptive_max_pool2d_with_indices: _ADAPTIVE_MAX,  # likewise, with indices: refused
     torch.flatten: _reshape,
     torch.Tensor.flatten: _reshape,
     torch.reshape: _reshape,

@@ -1,11 +1,12 @@
 """``python -m downstream.cls``: recipes, errors, a pretrain -> convert -> fine-tune -> evaluate chain, linear
 probing, and exact resumption after SIGKILL and SIGTERM.
 
-Real timm, real files: a 3-class generated image set at 64 px (24 train / 12 val images), a ResNet-18 pretrained
-by SparK for 6 steps, fine-tuned for 2 epochs of 6 steps.
+Real timm, real files: a 3-class generated image set at 64 px (24 train / 12 val images), the session's tiny SparK
+pretraining of a ResNet-18 (``spark_run`` in conftest.py), fine-tuned for 2 epochs of 6 steps.
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -13,16 +14,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from PIL import Image
 from timm.data import create_transform
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from downstream.cls.__main__ import main, run
 from downstream.cls.config import resolve_config
 from downstream.convert.__main__ import main as convert_main
-from pretrain.__main__ import run as pretrain_run
 from pretrain.data import make_demo_dataset
 from pretrain.info import model_info
 from pretrain.runtime.result import read_metrics
@@ -53,15 +55,10 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(data, tmp_path_factory) -> Path:
-    """SparK-pretrained ResNet-18 (6 steps at 64 px), converted for timm."""
-    out = tmp_path_factory.mktemp("pretrain")
-    outcome = pretrain_run(["--preset", "tiny", "--input-size", "64", "--decoder-width", "64", "--batch-size", "4",
-                            "--global-batch", "4", "--epochs", "1", "--workers", "0", "--no-progress",
-                            "--no-tensorboard", "--data", str(data / "train"), "--out", str(out)])
-    assert outcome.status == "completed"
-    converted = out / "resnet18-timm.pth"
-    assert convert_main(["timm", str(out / "checkpoint-last.pth"), str(converted)]) == 0
+def weights(spark_run, tmp_path_factory) -> Path:
+    """The session's SparK-pretrained ResNet-18 (12 steps at 64 px), converted for timm."""
+    converted = tmp_path_factory.mktemp("converted") / "resnet18-timm.pth"
+    assert convert_main(["timm", str(spark_run / "checkpoint-last.pth"), str(converted)]) == 0
     return converted
 
 
@@ -163,6 +160,119 @@ def test_config_imports_no_torch():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
+# --- optimiser, schedule, losses, augmentation, linear-probe head
+
+
+def check_no_decay_on_biases_and_norms(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                                       weight_decay: float) -> None:
+    """Every trained parameter is in exactly one group; the 1-D ones (biases, norm affines) get no weight decay
+    and every other one gets ``weight_decay`` (so neither "decay everything" nor "decay nothing" passes)."""
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(decay) == sum(len(g["params"]) for g in optimizer.param_groups) == len(trained)
+    one_d = [name for name, p in trained.items() if p.ndim <= 1]
+    assert len(one_d) >= 2 and len(one_d) < len(trained)  # both kinds are there to check
+    assert [n for n in one_d if decay[id(trained[n])] != 0] == [], "weight decay on biases or norms"
+    assert [n for n, p in trained.items() if p.ndim > 1 and decay[id(p)] != pytest.approx(weight_decay)] == []
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("table7", {}),  # timm's own groups, no layer decay
+    ("table8-code", {"layer_decay_groups": "timm"}),  # timm's layer decay groups (0.7)
+    ("table8-code", {}),  # the published layer decay groups (0.7)
+])
+def test_no_weight_decay_on_biases_and_norms(recipe, overrides):
+    from downstream.cls.runner import build_optimizer
+
+    cfg = resolve_config(recipe, {"model": "resnet18", **overrides})
+    model = timm.create_model("resnet18", num_classes=10)
+    check_no_decay_on_biases_and_norms(model, build_optimizer(model, cfg), cfg.weight_decay)
+
+
+def test_schedule_warms_up_from_half_a_percent_of_the_peak_then_cosine_to_a_tenth_of_a_percent():
+    from downstream.cls.runner import build_optimizer, build_schedule
+
+    cfg = resolve_config("table7", {"model": "resnet18", "epochs": 10, "warmup_epochs": 2})
+    assert (cfg.warmup_lr_ratio, cfg.min_lr_ratio) == (0.005, 0.001)
+    schedule = build_schedule(build_optimizer(timm.create_model("resnet18", num_classes=10), cfg), cfg, 10)
+    peak, lowest = cfg.peak_lr, cfg.peak_lr * 0.001
+    lrs = [schedule(step)["lr"] for step in range(100)]  # 20 warm-up steps, then 80 of cosine
+    for step in (0, 7, 19):
+        assert lrs[step] == pytest.approx(peak * (0.005 + 0.995 * step / 20))
+    for step in (20, 50, 99):
+        cosine = lowest + (peak - lowest) * 0.5 * (1 + math.cos(math.pi * (step - 20) / 80))
+        assert lrs[step] == pytest.approx(cosine)
+    assert lrs[20] == pytest.approx(peak) and min(lrs) >= lowest and lrs[-1] - lowest < 5e-4 * peak
+
+
+@pytest.mark.parametrize("recipe, criterion, mixing", [
+    ("table7", BinaryCrossEntropy, True),  # BCE on mixed targets: the smoothing is in the targets, not the loss
+    ("table8", SoftTargetCrossEntropy, True),
+    ("linear", torch.nn.CrossEntropyLoss, False),
+])
+def test_losses_and_mixed_targets_follow_the_recipe(recipe, criterion, mixing):
+    from downstream.cls.task import ClsTask, build_criterion, build_mixup
+
+    cfg = resolve_config(recipe, {"model": "resnet18"})
+    mixup = build_mixup(cfg, 5)
+    loss = build_criterion(cfg, mixup is not None)
+    assert type(loss) is criterion and (mixup is not None) == mixing
+    if not mixing:
+        return
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (cfg.mixup, cfg.cutmix, 0.1)
+    if criterion is BinaryCrossEntropy:
+        assert loss.smoothing == 0.0  # not smoothed twice
+    seen = {}
+
+    def logits(images):
+        seen["images"] = images
+        return torch.zeros(images.shape[0], 5)
+
+    images = torch.rand(6, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    np.random.seed(0)  # timm's Mixup draws from NumPy's global generator
+    value = ClsTask(logits, loss, mixup).loss(images.clone(), labels, torch.Generator())
+    np.random.seed(0)
+    mixed, targets = build_mixup(cfg, 5)(images.clone(), labels)
+    assert torch.equal(seen["images"], mixed) and not torch.equal(mixed, images)  # mixup or cutmix applied
+    assert torch.allclose(targets.sum(1), torch.ones(6)) and targets.min() >= 0.1 / 5 - 1e-6  # smoothed, mixed
+    assert value == pytest.approx(float(loss(torch.zeros(6, 5), targets)))
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("tiny", ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "RandAugment", "MaybeToTensor",
+              "Normalize"]),
+    ("table7-code", ["RandomResizedCropAndInterpolation", "RandomHorizontalFlip", "TrivialAugmentWide",
+                     "MaybeToTensor", "Normalize", "RandomErasing"]),
+])
+def test_training_augmentations_are_applied(data, recipe, expected):
+    from downstream.cls.data import build_data
+
+    cfg = resolve_config(recipe, {"model": "resnet18", "data": str(data), "input_size": 64})
+    train = build_data(cfg).train
+    steps = train.transform.transforms
+    assert [type(t).__name__ for t in steps] == expected
+    assert tuple(steps[0].scale) == tuple(cfg.scale)
+    if recipe == "tiny":
+        assert (tuple(cfg.scale), steps[2].ops[0].magnitude) == ((0.5, 1.0), 7)  # RandAug m7, crop 0.5..1
+    else:
+        assert steps[-1].probability == 0.25
+    torch.manual_seed(0)
+    draws = [train[0][0] for _ in range(3)]
+    assert draws[0].shape == (3, 64, 64) and not torch.equal(draws[0], draws[1])  # random per draw
+
+
+def test_linear_probe_head_is_a_new_normal_0_01_layer_and_the_only_trained_one():
+    from downstream.cls.model import build_classifier, freeze_backbone
+
+    model = build_classifier(resolve_config("linear", {"model": "resnet18"}), 1000)
+    assert freeze_backbone(model) == ["fc.weight", "fc.bias"]
+    weight = model.fc.weight.detach()
+    assert abs(float(weight.std()) - 0.01) < 5e-4 and abs(float(weight.mean())) < 1e-4
+    assert torch.count_nonzero(model.fc.bias) == 0
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+
+
 # --- layer-wise lr decay of the published code
 
 
@@ -180,11 +290,11 @@ def test_published_layer_decay_groups():
     optimizer = build_optimizer(resnet, cfg)
     scales = {round(g["lr_scale"], 6) for g in optimizer.param_groups}
     assert scales == {round(0.7 ** (7 - i), 6) for i in range(8)}
-    no_decay = [g for g in optimizer.param_groups if g["weight_decay"] == 0]
-    assert all(p.ndim == 1 for g in no_decay for p in g["params"])
+    check_no_decay_on_biases_and_norms(resnet, optimizer, cfg.weight_decay)
     timm_groups = build_optimizer(resnet, resolve_config("table7-code", {"model": "resnet50",
                                                                          "layer_decay_groups": "timm"}))
     assert len({g["lr_scale"] for g in timm_groups.param_groups}) > 8  # timm: one layer per block
+    check_no_decay_on_biases_and_norms(resnet, timm_groups, cfg.weight_decay)
 
     with torch.device("meta"):
         convnext = timm.create_model("convnext_small")
@@ -241,6 +351,33 @@ def test_bad_input_is_one_line_before_training(capsys, tmp_path, data, weights, 
     assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
 
 
+@pytest.mark.parametrize("problem, expected", [
+    ("unexpected-key", "1 unexpected (layer5.0.conv1.weight)"),
+    ("other-shape", "1 of another shape (conv1.weight (64, 3, 3, 3) vs (64, 3, 7, 7))"),
+])
+def test_weights_that_do_not_fit_are_one_line_errors(capsys, tmp_path, data, weights, problem, expected):
+    payload = torch.load(weights, weights_only=True)
+    if problem == "unexpected-key":
+        payload["state_dict"]["layer5.0.conv1.weight"] = torch.zeros(1)
+    else:
+        payload["state_dict"]["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(payload, tmp_path / "bad.pth")
+    assert main(_finetune_argv(data, tmp_path / "bad.pth", tmp_path / "out")) == 1
+    error = _last_error(capsys)
+    assert "does not fit timm resnet18" in error and expected in error
+    assert not (tmp_path / "out" / "checkpoint-last.pth").exists()
+
+
+def test_an_out_folder_with_a_checkpoint_needs_resume(capsys, tmp_path, data, weights):
+    (tmp_path / "checkpoint-last.pth").write_bytes(b"earlier run")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_finetune_argv(data, weights, tmp_path))
+    assert exit_info.value.code == 2
+    error = _last_error(capsys)
+    assert "already holds" in error and "pass --resume auto" in error
+    assert (tmp_path / "checkpoint-last.pth").read_bytes() == b"earlier run"
+
+
 # --- a complete chain: pretrain -> convert -> fine-tune -> evaluate
 
 
@@ -282,6 +419,8 @@ def test_complete_run_outputs_and_accuracy_from_real_predictions(reference, data
 
     checkpoint = _checkpoint(reference)
     assert checkpoint["stage"] == "cls" and set(checkpoint["ema"]) == {"ema0.99"}
+    previous = torch.load(reference / "checkpoint-last.pth.prev", map_location="cpu", weights_only=False)
+    assert previous["iteration"] < checkpoint["iteration"]  # the save before the last one is kept as .prev
     ema_state = {k[len("module."):]: v for k, v in checkpoint["ema"]["ema0.99"].items()}
     for name, state in (("model", checkpoint["model"]), ("ema0.99", ema_state)):
         pairs = _val_predictions(data, state, 3)

@@ -73,12 +73,25 @@ def test_resnet50_layer_decay_follows_the_published_grouping(models):
     assert {k: layer[k] for k in expected} == expected
     lrs = {g["layer_id"]: g["lr"] for g in groups}
     assert lrs[6] == 1.0 and lrs[0] == pytest.approx(0.65 ** 6)
-    assert all(g["weight_decay"] == 0 for g in groups if any(p.ndim == 1 for p in g["params"]))
+    check_decay_only_on_weights(model, groups, 1e-4)
+
+
+def check_decay_only_on_weights(model: torch.nn.Module, groups: list[dict], weight_decay: float) -> None:
+    """Biases and other 1-D parameters get no weight decay, every other parameter ``weight_decay``: neither "decay
+    everything" nor "decay nothing" passes."""
+    decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(decay) == len(named)
+    one_d = [n for n, p in named.items() if p.ndim == 1]
+    assert one_d and [n for n in one_d if decay[id(named[n])] != 0] == []
+    assert [n for n, p in named.items() if p.ndim > 1 and decay[id(p)] != weight_decay] == []
 
 
 def test_convnext_layer_decay_has_twelve_backbone_layers(models):
     _, model = models["mask_rcnn_convnext_base_FPN_3x"]
-    layer = _layer_of(param_groups(model, 1.0, 0.05, 0.65), model)
+    groups = param_groups(model, 1.0, 0.05, 0.65)
+    check_decay_only_on_weights(model, groups, 0.05)
+    layer = _layer_of(groups, model)
     body = "backbone.bottom_up.model."
     assert layer[body + "stem.0.weight"] == 0 and layer[body + "stages.0.blocks.2.conv_dw.weight"] == 1
     assert layer[body + "stages.2.downsample.1.weight"] == 3

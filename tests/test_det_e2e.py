@@ -1,7 +1,10 @@
-"""End to end: tiny SparK pretraining -> Detectron2 Mask R-CNN fine-tuning (timm backbone) -> result.json with
-pycocotools numbers -> one-off evaluation; stop signals and --resume; one-line errors of train and evaluate."""
+"""End to end: the session's tiny SparK pretraining -> Detectron2 Mask R-CNN fine-tuning (timm backbone) ->
+result.json with pycocotools numbers -> one-off evaluation; stop signals and --resume; bf16 training with fp32
+evaluation, precise BN; one-line errors of train and evaluate (exit 2 for usage, 1 for runtime errors); the
+Detectron2 install tool."""
 
 import json
+import math
 import os
 import signal
 import socket
@@ -20,9 +23,8 @@ from downstream.det.data import DetDemoSpec, coco_split_paths, make_det_demo
 from downstream.det.evaluate import main as evaluate_main
 from downstream.det.train import main as train_main
 from downstream.det.train import run as train_run
-from pretrain.__main__ import run as pretrain_run
-from pretrain.data import make_demo_dataset
 from pretrain.runtime.errors import UsageError
+from pretrain.runtime.precision import Precision
 from pretrain.runtime.result import read_result
 from pretrain.runtime.signals import StopRequest
 
@@ -35,15 +37,9 @@ METRICS = [f"{task}_{name}" for task in ("bbox", "segm") for name in ("AP", "AP5
 
 
 @pytest.fixture(scope="module")
-def spark(tmp_path_factory) -> Path:
-    """A SparK pretraining run of 4 steps (resnet18, 64 px): its checkpoint-last.pth."""
-    root = tmp_path_factory.mktemp("spark")
-    data = make_demo_dataset(root / "images", num_classes=2, train_per_class=8, val_per_class=1, image_size=PIXELS)
-    outcome = pretrain_run(["--preset", "tiny", "--input-size", str(PIXELS), "--decoder-width", "64", "--batch-size",
-                            "4", "--global-batch", "4", "--epochs", "1", "--workers", "0", "--no-progress",
-                            "--data", str(data / "train"), "--out", str(root / "pretrain")])
-    assert outcome.status == "completed"
-    return root / "pretrain" / "checkpoint-last.pth"
+def spark(spark_run) -> Path:
+    """The session's SparK pretraining (resnet18, 64 px, 12 steps): its checkpoint-last.pth."""
+    return spark_run / "checkpoint-last.pth"
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +156,15 @@ def test_two_cpu_ranks_from_torchrun_train_without_spawning(coco, tmp_path):
     assert result.config["detectron2"]["MODEL"]["DEVICE"] == "cpu"
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("no-coco", "COCO folder not found"),
-    ("no-annotations", "annotation file not found"),
-    ("missing-images", "images listed in"),
-    ("weights-misfit", "does not fit the config's model"),
-    ("no-weights", "--weights file not found"),
-    ("no-config", "no config.yaml beside"),
+@pytest.mark.parametrize("case, expected, code", [  # data and weights that fail at run time: 1; bad flags: 2
+    ("no-coco", "COCO folder not found", 1),
+    ("no-annotations", "annotation file not found", 1),
+    ("missing-images", "images listed in", 1),
+    ("weights-misfit", "does not fit the config's model", 1),
+    ("no-weights", "--weights file not found", 2),
+    ("no-config", "no config.yaml beside", 2),
 ])
-def test_evaluation_errors_are_one_line(finished, coco, tmp_path, capsys, case, expected):
+def test_evaluation_errors_are_one_line(finished, coco, tmp_path, capsys, case, expected, code):
     weights, root, extra = finished / "model_final.pth", coco, []
     if case == "no-coco":
         root = tmp_path / "absent"
@@ -188,11 +184,11 @@ def test_evaluation_errors_are_one_line(finished, coco, tmp_path, capsys, case, 
         weights.write_bytes((finished / "model_final.pth").read_bytes())
     argv = ["--weights", str(weights), "--coco-root", str(root), "--out", str(tmp_path / "eval"), *extra]
     try:
-        code = evaluate_main(argv)
+        exit_code = evaluate_main(argv)
     except SystemExit as exit_info:  # usage errors exit like argparse's
-        code = exit_info.code
+        exit_code = exit_info.code
     err = capsys.readouterr().err.strip().splitlines()
-    assert code in (1, 2) and len(err) == 1 and expected in err[0], err
+    assert (exit_code, len(err)) == (code, 1) and expected in err[0], err
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -205,3 +201,123 @@ def test_training_usage_errors_are_one_line(tmp_path, capsys, argv, expected):
         train_main([a.format(out=tmp_path) for a in argv])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def _exit_code(main, argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exit_info:  # usage errors exit like argparse's
+        return exit_info.code
+
+
+@pytest.mark.parametrize("case, extra, expected, code", [
+    ("no-coco", ["--coco-root", "{tmp}/nope-coco"], "COCO folder not found: {tmp}/nope-coco", 1),
+    ("class-count", ["--coco-root", "{coco}", "MODEL.ROI_HEADS.NUM_CLASSES", "5"],
+     "MODEL.ROI_HEADS.NUM_CLASSES is 5 but the data has 3 categories in coco_2017_train", 2),
+])
+def test_training_data_errors_come_before_training(coco, tmp_path, capsys, case, extra, expected, code):
+    out = tmp_path / "run"
+    argv = [*TINY, "--weights", "none", "--out", str(out), *[a.format(tmp=tmp_path, coco=coco) for a in extra]]
+    assert _exit_code(train_main, argv) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected.format(tmp=tmp_path) in err[0], err
+    assert not (out / "checkpoint-last.pth").exists()
+
+
+def test_images_per_batch_must_divide_by_the_ranks():
+    from downstream.det.train import _resolve, build_parser
+    from pretrain.runtime.distributed import DistEnv
+
+    args = build_parser().parse_intermixed_args([*TINY, "--weights", "none", "--out", "unused", "--amp", "none"])
+    with pytest.raises(UsageError, match="SOLVER.IMS_PER_BATCH 2 is not divisible by 3 ranks"):
+        _resolve(args, DistEnv(0, 3, 0, torch.device("cpu")))
+    assert _resolve(args, DistEnv(0, 2, 0, torch.device("cpu")))[0].SOLVER.IMS_PER_BATCH == 2
+
+
+def _one_image(with_instances: bool) -> dict:
+    import numpy as np
+    from detectron2.structures import Boxes, Instances, PolygonMasks
+
+    image = {"image": torch.rand(3, PIXELS, PIXELS) * 255, "height": PIXELS, "width": PIXELS}
+    if with_instances:
+        instances = Instances((PIXELS, PIXELS))
+        instances.gt_boxes = Boxes(torch.tensor([[8.0, 8.0, 40.0, 40.0]]))
+        instances.gt_classes = torch.tensor([1])
+        instances.gt_masks = PolygonMasks([[np.array([8, 8, 40, 8, 40, 40, 8, 40], dtype=np.float64)]])
+        image["instances"] = instances
+    return image
+
+
+def test_bf16_trains_the_forward_and_evaluates_in_fp32():
+    """The training step runs the forward under the run's bf16 autocast; evaluation, outside the step, in fp32."""
+    from detectron2.utils.events import EventStorage
+
+    from downstream.det.config import adapt_to_run, load_config
+    from downstream.det.engine import DetTrainer, PrecisionTrainer
+
+    cfg = load_config("tiny")
+    adapt_to_run(cfg, 1, "cpu")
+    model = DetTrainer.build_model(cfg)
+    seen = []
+    model.backbone.register_forward_hook(lambda m, a, out: seen.append(next(iter(out.values())).dtype))
+    model.train()
+    bf16 = Precision(amp="bf16", channels_last=False, device_type="cpu", reason="the test asks for it")
+    step = PrecisionTrainer(model, [[_one_image(True)]], torch.optim.SGD(model.parameters(), lr=0.0), bf16,
+                            torch.device("cpu"))
+    with EventStorage() as storage:  # Detectron2's training forward logs into one
+        step.run_step()
+    assert seen == [torch.bfloat16] and math.isfinite(storage.history("total_loss").latest())
+    model.eval()
+    with torch.no_grad():
+        model([_one_image(False)])
+    assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_precise_bn_recomputes_the_statistics_before_evaluating(coco, tmp_path):
+    from detectron2.engine import hooks
+
+    from downstream.det.config import adapt_to_run, load_config
+    from downstream.det.data import register_coco_split
+    from downstream.det.engine import DetTrainer
+
+    for name in ("mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_2x", "mask_rcnn_R_50_FPN_1x_published"):
+        assert load_config(name).TEST.PRECISE_BN.ENABLED, name  # the table-9 configs recompute BN statistics
+    assert not load_config("mask_rcnn_convnext_base_FPN_3x").TEST.PRECISE_BN.ENABLED
+    for split in ("train2017", "val2017"):
+        register_coco_split(f"coco_2017_{split[:-4]}", *coco_split_paths(coco, split))
+    cfg = load_config("tiny", [*TINY[2:], "TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_ITER", "2",
+                               "DATALOADER.NUM_WORKERS", "0"])
+    adapt_to_run(cfg, 1, "cpu")
+    cfg.OUTPUT_DIR = str(tmp_path)
+    trainer = DetTrainer(cfg, Precision(amp="none", channels_last=False, device_type="cpu", reason="test"),
+                         StopRequest())
+    kinds = [type(h) for h in trainer._hooks]
+    assert hooks.PreciseBN in kinds and kinds.index(hooks.PreciseBN) < kinds.index(hooks.EvalHook)
+    precise = trainer._hooks[kinds.index(hooks.PreciseBN)]
+    bn = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    precise.update_stats()
+    assert not torch.equal(bn.running_mean, before) and torch.isfinite(bn.running_mean).all()
+
+
+def _fake_python(folder: Path, script: str) -> str:
+    path = folder / "python"
+    path.write_text(f"#!/bin/sh\n{script}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_install_tool_checks_and_leaves_an_existing_detectron2_alone(tmp_path, capsys):
+    from downstream.det.install import main as install_main
+
+    assert install_main(["--check"]) == 0 and install_main([]) == 0  # present: nothing installed
+    assert "already imports; left untouched" in capsys.readouterr().out
+    absent = _fake_python(tmp_path, f'exec {sys.executable} -S "$@"')  # no site-packages: no detectron2
+    assert install_main(["--check", "--python", absent]) == 1
+    assert "detectron2 is not installed" in capsys.readouterr().err
+    (tmp_path / "broken" / "detectron2").mkdir(parents=True)
+    (tmp_path / "broken" / "detectron2" / "__init__.py").write_text("raise ImportError('half installed')\n")
+    broken = _fake_python(tmp_path, f'PYTHONPATH={tmp_path / "broken"} exec {sys.executable} "$@"')
+    assert install_main(["--python", broken]) == 1  # reported, not replaced
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fails to import (ImportError: half installed); not replacing it" in err[0]

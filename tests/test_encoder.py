@@ -1,16 +1,22 @@
-"""The four properties of the sparse encoder, for every convnet family the suite supports."""
+"""The four properties of the sparse encoder in fp32 on the suite's reference models, on weights with noise on
+biases, norm affines and layer scales (fresh timm weights switch residual branches off: zero-initialised last
+BatchNorms, 1e-6 layer scales); a mask context of its own per encoder; and the refusals that come when an encoder
+is built."""
 
 import copy
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from encoder_properties import (
+    BRANCH_NOISE,
     check_full_mask_equals_dense,
     check_visible_batchnorm_statistics,
     check_zeros_and_no_leakage,
     make_pair,
 )
+from torch import nn
 
 from pretrain.encoder import SparseEncoder
 
@@ -33,12 +39,12 @@ BATCH = 2
 def test_full_mask_equals_dense_timm(name: str, train: bool) -> None:
     # batch 4 at 128 px keeps BatchNorm over the 4x4 stride-32 maps well conditioned: at batch 2 on
     # 3x3 maps timm's own fp32 output is already ~1e-5 away from its fp64 result (EfficientNet-B0)
-    check_full_mask_equals_dense(*make_pair(name), train, size=128, batch=4)
+    check_full_mask_equals_dense(*make_pair(name, perturb=BRANCH_NOISE), train, size=128, batch=4)
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_masked_sites_are_exactly_zero_and_nothing_leaks(name: str) -> None:
-    _, encoder = make_pair(name)
+    _, encoder = make_pair(name, perturb=BRANCH_NOISE)
     check_zeros_and_no_leakage(encoder, size=SIZE, batch=BATCH, keep=4)
 
 
@@ -47,7 +53,7 @@ BN_MODELS = [m for m in MODELS if not m.startswith("convnext")]
 
 @pytest.mark.parametrize("name", BN_MODELS)
 def test_batchnorm_statistics_come_from_visible_sites(name: str) -> None:
-    _, encoder = make_pair(name)
+    _, encoder = make_pair(name, perturb=BRANCH_NOISE)
     check_visible_batchnorm_statistics(encoder, size=SIZE, batch=BATCH, keep=4)
 
 
@@ -64,17 +70,32 @@ def test_classifier_model_is_stripped_to_timm_num_classes_0() -> None:
     assert list(encoder.model.state_dict()) == list(timm.create_model("resnet18", num_classes=0).state_dict())
 
 
-def test_two_encoders_do_not_share_masks() -> None:
-    _, a = make_pair("resnet18")
-    _, b = make_pair("resnet18")
-    x = torch.randn(1, 3, 64, 64)
-    full = torch.ones(1, 1, 2, 2, dtype=torch.bool)
-    half = torch.tensor([[[[True, False], [False, True]]]])
+def check_encoders_keep_their_own_masks(a: SparseEncoder, b: SparseEncoder) -> None:
+    """``b`` runs with the opposite mask in the middle of ``a``'s forward (a hook after ``a``'s first stage):
+    ``a``'s maps stay exactly those of its own mask. Encoders sharing one mask context would see ``b``'s mask, or
+    none at all, in ``a``'s later stages."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    mask_a = torch.tensor([[True, False], [False, True]]).expand(2, 1, 2, 2).clone()
     a.eval(), b.eval()
-    ref = a(x, full)
-    b(x, half)
-    for r, again in zip(ref, a(x, full), strict=True):
-        assert torch.equal(r, again)
+    expected = a(x, mask_a)
+
+    def run_b(*_) -> None:
+        b(x, ~mask_a)
+
+    handle = a.model.layer1.register_forward_hook(run_b)
+    try:
+        actual = a(x, mask_a)
+    except Exception as error:  # a context left without a mask, or with b's, may also break the pass
+        raise AssertionError(f"a's pass failed once b ran inside it: {error}") from error
+    finally:
+        handle.remove()
+    for e, f in zip(expected, actual, strict=True):
+        assert torch.equal(e, f), "b's mask changed a's maps"
+
+
+def test_two_encoders_do_not_share_masks() -> None:
+    check_encoders_keep_their_own_masks(make_pair("resnet18", perturb=BRANCH_NOISE)[1],
+                                        make_pair("resnet18", perturb=BRANCH_NOISE)[1])
 
 
 def test_no_mask_is_a_plain_dense_pass() -> None:
@@ -106,9 +127,15 @@ def test_float_mask_is_rejected() -> None:
         encoder(torch.randn(1, 3, 64, 64), torch.ones(1, 1, 2, 2))
 
 
-def test_model_without_stride_32_maps_is_rejected() -> None:
-    with pytest.raises(ValueError):
-        SparseEncoder(torch.nn.Conv2d(3, 8, 3))
+@pytest.mark.parametrize(("model", "message"), [
+    (lambda: nn.Conv2d(3, 8, 3), "Conv2d is not a timm model with forward_intermediates()"),
+    # a dilated ResNet (segmentation's output_stride 16) really has maps at strides 2, 4, 8, 16, 16
+    (lambda: timm.create_model("resnet18", num_classes=0, output_stride=16),
+     r"ResNet has no feature maps at strides \[32\]; SparK needs four stages at strides 4/8/16/32"),
+])
+def test_models_without_maps_at_strides_4_to_32_are_rejected(model, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        SparseEncoder(model())
 
 
 def test_deep_copy_masks_with_its_own_context() -> None:
@@ -126,10 +153,23 @@ def test_deep_copy_masks_with_its_own_context() -> None:
         assert torch.equal(a, b)
 
 
-def test_layers_without_a_sparse_version_are_refused() -> None:
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(timm.create_model("resnet18", num_classes=0))
-    with pytest.raises(NotImplementedError, match="SyncBatchNorm"):
+@pytest.mark.parametrize(("convert", "layer", "reason"), [
+    (nn.SyncBatchNorm.convert_sync_batchnorm, "SyncBatchNorm", "this BatchNorm class has no sparse version"),
+    (lambda m: _replace(m, "layer1.1.act2", nn.BatchNorm1d(64)), "BatchNorm1d", "this BatchNorm class has no sparse"),
+    # issue 19 is giving the norms over all sites a sparse version: LocalResponseNorm may move to the working side
+    (lambda m: _replace(m, "layer1.1.act2", nn.LocalResponseNorm(3)), "LocalResponseNorm", "normalises over all sites"),
+])
+def test_layers_without_a_sparse_version_are_refused(convert, layer, reason) -> None:
+    model = convert(timm.create_model("resnet18", num_classes=0))
+    with pytest.raises(NotImplementedError, match=f"layer .*\\({layer}\\) has no sparse version: .*{reason}") as info:
         SparseEncoder(model)
+    assert "\n" not in str(info.value)
+
+
+def _replace(model: nn.Module, path: str, layer: nn.Module) -> nn.Module:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, layer)
+    return model
 
 
 class _TokenAttention(torch.nn.Module):
@@ -149,12 +189,49 @@ class _PositionalMap(torch.nn.Module):
         return x + torch.ones_like(x[:1])
 
 
+class _GridPool(nn.Module):
+    """Adds back an adaptive pool of the map to ``size`` (upsampled): a pyramid-pooling-like context."""
+
+    def __init__(self, size: int, indices: bool = False) -> None:
+        super().__init__()
+        self.size, self.indices = size, indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.indices:
+            pooled = F.adaptive_max_pool2d(x, self.size, return_indices=True)[0]
+        else:
+            pooled = F.adaptive_avg_pool2d(x, self.size)
+        return x + F.interpolate(pooled, size=x.shape[-2:])
+
+
+class _PatchUnfoldConv(nn.Module):
+    """Folds the 2x2 blocks of sites into the batch dimension, convolves, folds back (MobileViT's unfolding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(64, 64, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        folded = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(b * 4, c, h // 2, w // 2)
+        out = self.conv(folded).reshape(b, 2, 2, c, h // 2, w // 2)
+        return out.permute(0, 3, 4, 1, 5, 2).reshape(b, c, h, w)
+
+
 @pytest.mark.parametrize(
     ("layer", "error", "message"),
     [
         (_TokenAttention(), NotImplementedError, "resnet18 cannot run sparsely: self-attention over feature-map"),
         (_PositionalMap(), ValueError, "resnet18 cannot run sparsely: its stride-4 map is not zero at masked"),
+        # the probe's stride-4 map is 16x16: a 3x3 grid of pools does not divide it
+        (_GridPool(3), NotImplementedError,
+         "resnet18 cannot run sparsely: adaptive average pooling from 16x16 to 3x3 has no sparse version"),
+        (_GridPool(2, indices=True), NotImplementedError,
+         "resnet18 cannot run sparsely: adaptive max pooling with indices has no sparse version"),
+        (_PatchUnfoldConv(), ValueError, r"resnet18 cannot run sparsely: a convolution on a tensor of shape "
+                                         r"\(8, 64, 8, 8\) .*sites folded into the batch dimension cannot be masked"),
     ],
+    ids=["attention", "positional-map", "adaptive-non-dividing", "adaptive-indices", "patch-unfolding"],
 )
 def test_models_that_cannot_run_sparsely_are_refused_when_built(layer, error, message) -> None:
     model = timm.create_model("resnet18", num_classes=0)

@@ -1,6 +1,8 @@
-"""``python -m pretrain``: config and CLI, a complete tiny run, and its faults (SIGKILL, SIGTERM, NaN).
+"""``python -m pretrain``: config and CLI, a complete tiny run, and its faults (SIGKILL mid-epoch, SIGTERM, NaN, Inf,
+corrupt images).
 
-The runs use resnet18 at 64 px with a 64-wide decoder on 16 generated images: 4 steps per epoch.
+The runs are the session's tiny pretraining (``spark_run`` in conftest.py: resnet18 at 64 px with a 64-wide decoder
+on 16 generated images, 4 steps per epoch) and variants of it.
 """
 
 import json
@@ -14,27 +16,26 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import PRETRAIN_EPOCHS as EPOCHS
+from conftest import PRETRAIN_STEPS_PER_EPOCH as STEPS_PER_EPOCH
+from conftest import PRETRAIN_TINY as TINY
+from conftest import pretrain_argv, run_pretrain
 
 from pretrain.__main__ import build_parser, main
 from pretrain.config import config_fields, overrides_to_argv, resolve_config
-from pretrain.data import make_demo_dataset
+from pretrain.runtime.checkpoint import find_checkpoint
 from pretrain.runtime.signals import StopRequest, parse_signals
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS, STEPS_PER_EPOCH = 3, 4
-TINY = ["--preset", "tiny", "--input-size", "64", "--decoder-width", "64", "--batch-size", "4", "--global-batch", "4",
-        "--workers", "0", "--log-every", "1", "--deterministic", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    root = make_demo_dataset(tmp_path_factory.mktemp("data") / "demo", num_classes=2, train_per_class=8,
-                             val_per_class=1, image_size=64)
-    return root / "train"
+def data(pretrain_images) -> Path:
+    return pretrain_images
 
 
 def _argv(data: Path, out: Path, *extra: str) -> list[str]:
-    return [*TINY, "--data", str(data), "--out", str(out), "--epochs", str(EPOCHS), *extra]
+    return pretrain_argv(data, out, *extra)
 
 
 def _start(argv: list[str]) -> subprocess.Popen:
@@ -43,8 +44,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pretrain", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=300)
+    return run_pretrain(argv)
 
 
 def _steps(out: Path) -> list[int]:
@@ -73,14 +73,9 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> Path:
-    """An uninterrupted run (also the end-to-end check of the outputs)."""
-    out = tmp_path_factory.mktemp("reference")
-    result = _run(_argv(data, out, "--save-every", "2", "--snapshot-every", "2", "--progress"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"done: {EPOCHS} epochs" in result.stdout
-    assert "epoch 3/3" in result.stderr  # the tqdm bar
-    return out
+def reference(spark_run) -> Path:
+    """An uninterrupted run (also the end-to-end check of the outputs): the session's tiny pretraining."""
+    return spark_run
 
 
 # --- configuration and command line
@@ -186,6 +181,8 @@ def test_outputs_of_a_complete_run(reference):
     model = timm.create_model(encoder["model_name"])  # every key of timm's 1000-class model, the head untrained
     model.load_state_dict(encoder["state_dict"], strict=True)
     assert torch.equal(encoder["state_dict"]["conv1.weight"], checkpoint["model"]["encoder.model.conv1.weight"])
+    previous = torch.load(reference / "checkpoint-last.pth.prev", map_location="cpu", weights_only=False)
+    assert previous["iteration"] < checkpoint["iteration"]  # the save before the last one is kept as .prev
 
     result = json.loads((reference / "result.json").read_text())
     assert result["stage"] == "pretrain" and result["model"] == "resnet18"
@@ -194,7 +191,8 @@ def test_outputs_of_a_complete_run(reference):
 
 
 def test_checkpoint_loads_in_the_visualize_tool(reference):
-    visualize = pytest.importorskip("pretrain.visualize")
+    from pretrain import visualize
+
     model, config = visualize.load_spark_checkpoint(reference / "checkpoint-last.pth")
     assert config["model"] == "resnet18" and model.input_size == 64
 
@@ -202,17 +200,34 @@ def test_checkpoint_loads_in_the_visualize_tool(reference):
 # --- faults
 
 
+def _stop_mid_epoch(proc: subprocess.Popen, out: Path) -> int:
+    """Freeze the run (SIGSTOP) once its latest checkpoint lies inside an epoch and return that checkpoint's
+    iteration; the epoch end always saves too, so a run frozen a little late is let go on to its next save."""
+    step = 2 * STEPS_PER_EPOCH - 1  # by then iteration 6, the middle of epoch 2, has been saved
+    while True:
+        _wait_for_step(proc, out, step)
+        proc.send_signal(signal.SIGSTOP)
+        latest = find_checkpoint(str(out))  # what a resume reads, even if frozen between the two renames of a save
+        iteration = torch.load(latest, map_location="cpu", weights_only=False)["iteration"]
+        if iteration % STEPS_PER_EPOCH:
+            return iteration
+        proc.send_signal(signal.SIGCONT)
+        step = iteration + 3  # the next mid-epoch save (every 2 steps) is logged by then
+
+
 def test_resume_after_sigkill_mid_epoch_gives_the_same_weights(data, reference, tmp_path):
     """Killed and resumed with 2 data workers (the tiny preset's), against the reference with none: each image's
     augmentation depends on (seed, epoch, its place in the epoch), not on the worker that drew it."""
     proc = _start(_argv(data, tmp_path, "--save-every", "2", "--workers", "2"))
-    _wait_for_step(proc, tmp_path, 7)  # step 6 (mid-epoch 2) was saved before step 7 was logged
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    try:
+        saved = _stop_mid_epoch(proc, tmp_path)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
     assert not (tmp_path / "result.json").exists()
     resumed = _run(_argv(data, tmp_path, "--save-every", "2", "--resume", "--workers", "2"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "epoch 2, iteration 6" in resumed.stderr or "iteration 8" in resumed.stderr  # 8 only on a slow poll
+    assert f"epoch {saved // STEPS_PER_EPOCH + 1}, iteration {saved}" in resumed.stderr  # resumed mid-epoch
     _assert_same_weights(_checkpoint(tmp_path)["model"], _checkpoint(reference)["model"])
     assert _steps(tmp_path) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))  # no duplicated log lines
 
@@ -242,3 +257,54 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_good_checkpoint(
     assert checkpoint["iteration"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
     assert not (tmp_path / "result.json").exists()
+
+
+def test_an_inf_loss_stops_the_step_naming_it_and_leaves_the_weights():
+    """The trainer's non-finite check on a loss of +inf (the NaN case runs end to end above), and on an infinite
+    gradient norm (a square root at 0): the step raises naming the iteration before anything is updated."""
+    from pretrain.runtime.distributed import DistEnv
+    from pretrain.runtime.loop import LoopSettings, NonFiniteError, Trainer
+    from pretrain.runtime.precision import Precision
+    from pretrain.runtime.runlog import RunLogger
+
+    class Task:
+        def __init__(self, model, loss):
+            self.model, self._loss = model, loss
+
+        def loss(self, images, labels, generator):
+            return self._loss(self.model, images)
+
+    model = torch.nn.Linear(3, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    cases = {"the loss is inf": lambda m, x: m(x).square().mean() + float("inf"),
+             "the gradient norm is inf": lambda m, x: (m.weight - m.weight.detach()).sqrt().sum() + m(x).mean()}
+    for what, loss in cases.items():
+        trainer = Trainer(Task(model, loss), optimizer, lambda step: {}, LoopSettings(1, 1, 1, 0.0), DistEnv(),
+                          Precision("none", False, "cpu", "test"), RunLogger("", False, False, False), StopRequest(),
+                          lambda *a, **k: None)
+        trainer.state.step = 4
+        with pytest.raises(NonFiniteError, match=f"{what} at iteration 5"):
+            trainer.step([(torch.ones(2, 3), torch.zeros(2))])
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_corrupt_images_are_skipped_and_counted_during_a_run(data, tmp_path, caplog):
+    """15 good images and one that is not an image: each epoch reads all 16, skips the bad one with a warning, and
+    the count reaches metrics.jsonl and result.json."""
+    from pretrain.__main__ import run
+
+    images = tmp_path / "images" / "only"
+    images.mkdir(parents=True)
+    for path in sorted(data.rglob("*.png"))[:15]:
+        (images / path.name).write_bytes(path.read_bytes())
+    (images / "broken.png").write_bytes(b"not a PNG at all" * 8)
+    caplog.set_level("WARNING")
+    out = tmp_path / "run"
+    outcome = run(pretrain_argv(tmp_path / "images", out, "--no-tensorboard", epochs=1))
+    assert outcome.status == "completed"
+    assert "broken.png" in caplog.text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["skipped_images"] == 1 and records[-1]["images_seen"] == 15
+    assert json.loads((out / "result.json").read_text())["metrics"]["skipped_images"] == 1

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import textwrap
 
 import pytest
+from conftest import require
 from test_slurm_support import LAUNCHER, run_tool
 
 from pretrain.runtime.result import write_result
@@ -29,6 +31,7 @@ def test_paper_dry_run_lists_every_experiment_without_torch(tmp_path):
     tool = run_tool(LAUNCHER, "--sweep", "paper", "--dry-run", "--root", str(tmp_path), "--imagenet", "/data/in1k")
     assert tool.returncode == 0, tool.stderr
     assert tool.heavy == [], "planning a sweep must not import torch or timm"
+    assert "submitit" not in tool.imported, "a dry run submits nothing: no submitit"
     sweep = load_sweep("paper")
     assert f"sweep paper: {len(sweep.experiments)} experiments (tables 1, 2, 3, 4, 5, 6)" in tool.stdout
     graph = tool.stdout.split("commands:")[0].splitlines()
@@ -71,7 +74,7 @@ EXPECTED = {  # stage -> experiment -> (config field, value) its flags must prod
 @pytest.mark.parametrize("stage", ["pretrain", "cls"])
 def test_stage_flags_of_every_sweep_resolve_with_the_stage_parser(tmp_path, stage):
     module = {"pretrain": "pretrain.__main__", "cls": "downstream.cls.__main__"}[stage]
-    command = pytest.importorskip(module, reason=f"the {stage} stage is not built yet").COMMAND
+    command = require(module).COMMAND
     checked = set()
     for sweep in (load_sweep("paper"), load_sweep("tiny")):
         for exp in sweep.experiments.values():
@@ -258,14 +261,14 @@ def test_local_launch_runs_once_and_a_second_launch_submits_nothing(tmp_path):
     assert "skip demo: completed" in second.stdout and "--retry-failed resubmits" in second.stdout
     assert "running" not in second.stdout and SweepState(str(root)).experiments == state
     status = run_tool(LAUNCHER, "--status", "--root", str(root))
-    assert status.returncode == 0 and status.heavy == []
+    assert status.returncode == 0 and status.heavy == [] and "submitit" not in status.imported
     assert f"tables: {tables} (python -m results" in status.stdout, "--status points to the launch's tables"
     rows = {line.split()[0]: line for line in status.stdout.splitlines()[1:-2] if line.strip()}
     assert " completed " in rows["demo"] and " failed (" in rows["bad"] and "demo/logs/" in rows["demo"]
 
 
 def test_detection_flags_of_every_sweep_resolve_with_the_detection_stage(tmp_path, capsys):
-    train = pytest.importorskip("downstream.det.train", reason="the detection stage is not built yet")
+    train = require("downstream.det.train")
     iterations = {}
     for sweep in (load_sweep("paper"), load_sweep("tiny")):
         for exp in sweep.experiments.values():
@@ -283,11 +286,82 @@ def test_detection_flags_of_every_sweep_resolve_with_the_detection_stage(tmp_pat
 def test_detection_jobs_on_several_nodes_get_detectron2_launch_flags(tmp_path, monkeypatch):
     from slurm.jobs import _distributed_flags
 
-    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "1234", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    spec = _spec(tmp_path, "det", nodes=2, gpus_per_node=8, per_node=True)
-    assert _distributed_flags(spec) == ["--num-gpus", "8", "--num-machines", "2", "--machine-rank", "1",
-                                        "--dist-url", "tcp://gpu07:21234"]
+    def flags(job_id: str, node: int) -> list[str]:
+        env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": job_id, "SLURM_JOB_NUM_NODES": "2",
+               "SLURM_NODEID": str(node), "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": str(node),
+               "SLURM_NTASKS": "2"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return _distributed_flags(_spec(tmp_path, "det", nodes=2, gpus_per_node=8, per_node=True))
+
+    first, second = flags("1234", 0), flags("1234", 1)
+    assert first[:6] == ["--num-gpus", "8", "--num-machines", "2", "--machine-rank", "0"] and second[5] == "1"
+    url = first[first.index("--dist-url") + 1]
+    host, port = re.fullmatch(r"tcp://(\S+):(\d+)", url).groups()
+    assert host == "gpu07" and 1024 < int(port) < 65536, "machine 0 of the job's nodes, a usable port"
+    assert second[second.index("--dist-url") + 1] == url, "every node of the job meets at the same address"
+    assert flags("1235", 0)[-1] != url, "another job (maybe on the same nodes) gets another port"
     assert _distributed_flags(_spec(tmp_path, "det", nodes=1, gpus_per_node=1, per_node=True)) == []
+
+
+def test_only_launches_the_matching_experiments_and_the_steps_they_need(tmp_path):
+    tool = run_tool(LAUNCHER, "--dry-run", "--root", str(tmp_path), "--only", "tiny-*-cls")
+    assert tool.returncode == 0, tool.stderr
+    rows = {line.split()[1]: line for line in tool.stdout.split("commands:")[0].splitlines()
+            if line[:3].strip().isdigit()}
+    assert set(rows) == {"tiny-images", "tiny-spark-cls", "tiny-scratch-cls"}  # the data step comes along
+    assert "blocked: needs tiny-pretrain" in rows["tiny-spark-cls"] and " submit " in rows["tiny-scratch-cls"]
+
+
+def _fake_slurm(folder, sinfo_exit: int) -> dict[str, str]:
+    """A PATH whose sbatch and sinfo are stand-ins (sinfo exits with ``sinfo_exit``)."""
+    folder.mkdir()
+    for name, code in (("sbatch", 0), ("sinfo", sinfo_exit)):
+        (folder / name).write_text(f"#!/bin/sh\nexit {code}\n")
+        (folder / name).chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("sinfo_exit, cluster", [(0, "slurm"), (1, "local")])
+def test_cluster_auto_is_slurm_only_when_a_controller_answers(tmp_path, sinfo_exit, cluster):
+    tool = run_tool(LAUNCHER, "--dry-run", "--root", str(tmp_path / "runs"), "--cluster", "auto",
+                    env=_fake_slurm(tmp_path / "bin", sinfo_exit))
+    assert tool.returncode == 0, tool.stderr
+    assert f"cluster: auto ({cluster})" in tool.stdout
+
+
+def test_requeue_cap_per_job_kind_reaches_submitit(tmp_path):
+    from slurm.launcher import _executor
+
+    table = load_resources()
+    caps = {kind: table.get(kind).max_num_timeout for kind in ("pretrain", "cls", "det")}
+    assert caps == {"pretrain": 60, "cls": 20, "det": 20}
+    for kind, cap in caps.items():
+        executor = _executor("slurm", _spec(tmp_path, kind), table.get(kind), {}, ())
+        assert executor._executor.max_num_timeout == cap  # submitit requeues a timed-out job this often
+
+
+STOPPED_SWEEP = """
+    experiments:
+      - {name: pt, stage: pretrain, args: "--preset tiny"}
+      - {name: cls, stage: cls, args: "--weights ${run:pt}/encoder_timm.pth --data ${root}/data"}
+"""
+
+
+def test_a_job_stopped_by_sigterm_fails_and_blocks_its_dependants(tmp_path, monkeypatch, capsys):
+    """A stage that saved and stopped on SIGTERM (scancel, scontrol requeue) ends its job as failed, so the jobs
+    that need its result do not start (in-process: submitit's debug executor)."""
+    import pretrain.__main__ as pretrain_stage
+
+    def stopped(argv, stop=None):
+        out = argv[argv.index("--out") + 1]
+        return Outcome("stopped", "stopped by SIGTERM at epoch 1, iteration 3: saved", out, "SIGTERM")
+
+    monkeypatch.setattr(pretrain_stage, "run", stopped)
+    path = _write_sweep(tmp_path, STOPPED_SWEEP)
+    code = launch_main(["--cluster", "debug", "--sweep", path, "--root", str(tmp_path / "runs"), "--no-tables"])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "failed pt:" in out and "no afterok job starts" in out
+    assert "blocked cls: needs pt (failed)" in out
+    assert set(SweepState(str(tmp_path / "runs")).experiments) == {"pt"}

@@ -6,15 +6,17 @@ Without a cluster these tests skip, except under CI (``CI`` set), where they fai
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import pickle
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import require
 from test_slurm_support import LAUNCHER, Tool, require_slurm, run_tool
 
 from slurm.stages import STAGE_MODULES
@@ -30,14 +32,16 @@ SHORT = ["--cpus-per-task", "1", "--resources", "command.cpus_per_task=1",
          "--extra-args", "cls=--epochs 1 --input-size 64 --batch-size 8 --global-batch 8 --workers 0 --no-progress",
          "--extra-args", "tiny-coco=--train-images 8 --val-images 4",
          "--extra-args", "det=SOLVER.MAX_ITER 4 SOLVER.STEPS (2,3) SOLVER.WARMUP_ITERS 1"]
-# The stages of the tiny sweep this test runs, each once its module exists.
+# The stages of the tiny sweep: all of them run (a stage that cannot be imported fails under CI, see conftest.py).
 STAGES = ("pretrain", "cls", "det")
 STARTED = re.compile(r"submitit INFO \((.+?)\) - Starting with")
 FINISHED = re.compile(r"submitit INFO \((.+?)\) - Exiting after successful completion")
 
 
 def _stages() -> str:
-    return ",".join(s for s in STAGES if importlib.util.find_spec(STAGE_MODULES[s]))
+    for stage in STAGES:
+        require(STAGE_MODULES[stage])
+    return ",".join(STAGES)
 
 
 def _launch(root: Path, *extra: str) -> Tool:
@@ -116,11 +120,15 @@ def test_tiny_sweep_runs_through_sbatch_with_afterok(tiny_sweep):
     assert result["stage"] == "pretrain" and len(result["metrics"]["epoch_losses"]) == 6
     tables = root / "tables"
     assert (tables / "pretrain_loss.png").stat().st_size > 10_000 and (tables / "table3.md").exists()
-    if _stages() == ",".join(STAGES):  # every job of the tiny sweep ran: the miniature of table 3 is complete
-        rows = [line for line in (tables / "tiny.md").read_text().splitlines() if line.startswith("| SparK (tiny")]
-        assert len(rows) == 1 and "tiny-spark-cls, tiny-spark-det" in rows[0]
-        assert re.search(r"^\| [^|]+ \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", rows[0]), "top-1, box and mask AP"
-        assert (tables / "finetune_top1.png").stat().st_size > 10_000
+    # every job of the tiny sweep ran: the miniature of table 3 is complete
+    rows = [line for line in (tables / "tiny.md").read_text().splitlines() if line.startswith("| SparK (tiny")]
+    assert len(rows) == 1 and "tiny-spark-cls, tiny-spark-det" in rows[0]
+    assert re.search(r"^\| [^|]+ \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", rows[0]), "top-1, box and mask AP"
+    assert (tables / "finetune_top1.png").stat().st_size > 10_000
+    # submitit got each kind's requeue cap (slurm/sweeps/resources.yaml): it is in the submitted job
+    for name, cap in (("tiny-pretrain", 60), ("tiny-spark-cls", 20), ("tiny-spark-det", 20)):
+        with open(root / name / "logs" / f"{_job(root, name)}_submitted.pkl", "rb") as handle:
+            assert pickle.load(handle)._timeout_countdown == cap, name
 
 
 def test_launching_again_submits_nothing(tiny_sweep):
@@ -188,6 +196,50 @@ def test_interrupted_pretraining_is_requeued_and_resumes_to_the_same_weights(tin
         resumed = _encoder(root)
         assert resumed.keys() == uninterrupted.keys()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), f"{how}: resumed weights differ"
+
+
+DOWNSTREAM = {"tiny-spark-cls": "--resume auto", "tiny-spark-det": "--resume"}  # job -> its resume flag
+
+
+def _training(run: Path) -> bool:
+    """Whether the run has written its first metrics line (fine-tuning: step 1 here; detection: iteration 20)."""
+    return (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").stat().st_size > 0
+
+
+def test_fine_tuning_and_detection_jobs_are_requeued_and_resume(tiny_sweep, tmp_path):
+    """The downstream jobs of the sweep (their parents' finished runs copied from the launched sweep) preempted
+    with SLURM's signal mid-training: each saves, is requeued as the same job with its stage's resume flag, resumes
+    from its checkpoint and finishes."""
+    reference, root = tiny_sweep[0], tmp_path / "runs"
+    for parent in ("tiny-images", "tiny-coco", "tiny-pretrain"):
+        shutil.copytree(reference / parent, root / parent)
+    longer = ["--extra-args", "tiny-spark-cls=--epochs 2 --log-every 1",
+              "--extra-args", "tiny-spark-det=SOLVER.MAX_ITER 30 SOLVER.STEPS (20,25)"]
+    jobs = {}
+    try:
+        launched = _launch(root, "--stage", "cls,det", "--only", ",".join(DOWNSTREAM), "--no-tables", *longer)
+        assert launched.returncode == 0, launched.stdout + launched.stderr
+        assert "submitted tiny-spark-cls" in launched.stdout and "submitted tiny-spark-det" in launched.stdout
+        jobs = {name: _job(root, name) for name in DOWNSTREAM}
+        for name in DOWNSTREAM:
+            _wait(lambda run=root / name: _training(run), 300, f"{name} training", root / name)
+            assert not (root / name / "result.json").exists(), f"{name} finished before it could be interrupted"
+            subprocess.run(["scancel", "--signal=USR2", jobs[name]], check=True)
+        for name, job in jobs.items():
+            _wait(lambda job=job: _squeue(job) == ("PENDING", "BeginTime"), 120, f"{name} requeued", root / name)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        for name, job in jobs.items():
+            _wait(lambda run=root / name, job=job: (run / "result.json").exists()
+                  and _squeue(job)[0] in ("COMPLETED", ""), 300, f"{name} resumed", root / name)
+    finally:
+        _cancel_leftovers(root)
+    for name, resume in DOWNSTREAM.items():
+        logs = _logs(root / name)
+        assert f"Requeued job {jobs[name]}" in logs and "stopped by SIGUSR2" in logs, name
+        commands = re.findall(rf"\[sweep\] {name}: python -m \S+ (.*)", logs)
+        assert len(commands) == 2 and resume not in commands[0] and resume in commands[1], (name, commands)
+        assert re.search(r"resumed from \S*checkpoint-last.pth", logs), name
+        assert _job(root, name) == jobs[name], "the same job was requeued, not a new one submitted"
 
 
 @pytest.mark.slow

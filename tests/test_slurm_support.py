@@ -10,7 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = str(REPO / "slurm" / "launch_all.py")
@@ -19,12 +19,14 @@ IMPORT_LINE = re.compile(r"^import time:.*\|\s*(\S+)\s*$", re.M)
 
 @dataclass(frozen=True)
 class Tool:
-    """A finished command: exit code, stdout, stderr without import-time lines, heavy modules it imported."""
+    """A finished command: exit code, stdout, stderr without import-time lines, heavy modules it imported (torch,
+    timm) and every top-level module it imported."""
 
     returncode: int
     stdout: str
     stderr: str
     heavy: list[str]
+    imported: frozenset[str] = frozenset()
 
 
 def run_tool(*argv: str, timeout: float = 300, env: dict[str, str] | None = None) -> Tool:
@@ -33,7 +35,7 @@ def run_tool(*argv: str, timeout: float = 300, env: dict[str, str] | None = None
                           timeout=timeout, env={**os.environ, **(env or {})}, check=False)
     modules = {m.group(1).split(".")[0] for m in IMPORT_LINE.finditer(done.stderr)}
     stderr = "\n".join(line for line in done.stderr.splitlines() if not line.startswith("import time:"))
-    return Tool(done.returncode, done.stdout, stderr, sorted(modules & {"torch", "timm"}))
+    return Tool(done.returncode, done.stdout, stderr, sorted(modules & {"torch", "timm"}), frozenset(modules))
 
 
 def slurm_reason() -> str:
@@ -55,6 +57,4 @@ def require_slurm() -> None:
     """Skip without a SLURM cluster, but fail under CI (``CI`` set), where .ci/run brings one up."""
     reason = slurm_reason()
     if reason:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but SLURM is not usable: {reason}")
-        pytest.skip(f"needs a SLURM cluster: {reason}")
+        skip_or_fail(f"SLURM is not usable: {reason}")

@@ -120,7 +120,12 @@ def test_zero_outing_runs_the_dense_encoder_on_the_zeroed_image() -> None:
     # dense convolution: masked regions next to visible ones are no longer zero ("mask pattern vanishing")
     outside = ~active.repeat_interleave(16, 2).repeat_interleave(16, 3).expand_as(conv_out)
     assert conv_out[outside].abs().sum() > 0
+    model(x, active).backward()  # the dense encoder leaves no hole to fill: the mask tokens get no gradient
     assert all(d.mask_token.grad is None for d in model.densify)
+    assert model.decoder.proj.weight.grad is not None and model.encoder.model.conv1.weight.grad.abs().sum() > 0
+    sparse = _model()
+    sparse(x, active).backward()
+    assert all(d.mask_token.grad.abs().sum() > 0 for d in sparse.densify)  # where holes are filled, they learn
 
 
 def test_without_hierarchy_only_the_coarsest_map_is_decoded() -> None:
