@@ -233,9 +233,11 @@ def test_attention_pooling_weighs_visible_positions_and_keeps_masked_sites_zero(
     torch.testing.assert_close(out, expected)
 
 
-def test_self_attention_over_tokens_is_refused() -> None:
+def test_self_attention_over_tokens_folded_into_the_batch_is_refused() -> None:
+    """Over a map's own tokens attention works (tests/test_sparse_attention.py); tokens folded into the batch by
+    a layer that does not say how (windows) cannot be told apart as sites."""
     x, active = _visible_map()
-    tokens = x.flatten(2).transpose(1, 2)
+    tokens = x.flatten(2).transpose(1, 2).reshape(2 * 16, 4, 3)
     with pytest.raises(NotImplementedError, match="scaled_dot_product_attention"):
         _in_mode(active, F.scaled_dot_product_attention, tokens, tokens, tokens)
 
