@@ -33,7 +33,7 @@ from torch import nn
 from .mask_context import SparsityContext, TokenScope
 from .site_maps import NoSparseVersion
 
-__all__ = ["SCOPED_LAYERS", "ScopedAttention", "scoped_class"]
+__all__ = ["SCOPED_LAYERS", "ScopedAttention", "named_class", "scoped_class"]
 
 
 class ScopedAttention(nn.Module):
@@ -114,18 +114,24 @@ _SCOPES: Mapping[str, Callable[[nn.Module, SparsityContext, torch.Tensor], Token
 })
 
 
+def named_class(spec: str) -> type | None:
+    """The class named ``"module:Class"``, or None when the installed packages do not have it."""
+    module_name, _, class_name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        return None
+
+
 def _build(specs: Mapping[str, Callable]) -> Mapping[type, type]:
     """For each class named in ``specs`` that exists, its scoped subclass ``Sparse<Class>``."""
     built = {}
     for spec, scope in specs.items():
-        module_name, _, class_name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
-            cls = None
+        cls = named_class(spec)
         if cls is not None:
-            attrs = {"token_scope": staticmethod(scope), "__module__": __name__, "__qualname__": f"Sparse{class_name}"}
-            built[cls] = type(f"Sparse{class_name}", (ScopedAttention, cls), attrs)
+            name = f"Sparse{cls.__name__}"
+            attrs = {"token_scope": staticmethod(scope), "__module__": __name__, "__qualname__": name}
+            built[cls] = type(name, (ScopedAttention, cls), attrs)
     return MappingProxyType(built)
 
 

@@ -277,6 +277,11 @@ class SparsityContext:
         """Whether the innermost open scope's softmaxes over the last dimension weigh keys."""
         return self._scopes[-1].softmax_over_keys
 
+    @property
+    def windowed(self) -> bool:
+        """Whether the innermost open scope declares the keys of windows (blocked local attention)."""
+        return bool(self._scopes) and self._scopes[-1].keys is not None
+
     def _heads(self) -> int | None:
         return next((s.heads for s in reversed(self._scopes) if s.heads is not None), None)
 

@@ -25,7 +25,6 @@ way no mechanism makes sparse are refused by :func:`sparsify`.
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -37,7 +36,7 @@ from timm.layers import activations as timm_act
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .attention_layers import scoped_class
+from .attention_layers import named_class, scoped_class
 from .gather import gatherable
 from .mask_context import SparsityContext, VisibleSites, upsample_mask
 from .site_maps import NoSparseVersion, fill_masked
@@ -314,16 +313,8 @@ _UNSUPPORTED_SPECS: Mapping[str, str] = MappingProxyType({
 
 def _resolve(specs: Mapping[str, str]) -> tuple[tuple[type, str], ...]:
     """The classes named by ``specs`` that exist in the installed packages, with their reasons."""
-    resolved = []
-    for spec, reason in specs.items():
-        module_name, _, class_name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
-            cls = None
-        if cls is not None:
-            resolved.append((cls, reason))
-    return tuple(resolved)
+    resolved = ((named_class(spec), reason) for spec, reason in specs.items())
+    return tuple((cls, reason) for cls, reason in resolved if cls is not None)
 
 
 _UNSUPPORTED: tuple[tuple[type, str], ...] = _resolve(_UNSUPPORTED_SPECS)

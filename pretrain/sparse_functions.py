@@ -299,7 +299,8 @@ def _interpolate(sparsity: SparsityContext, func: Callable, args: tuple, kwargs:
 def _pad(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
     x, pad = args[0], _argument(args, kwargs, 1, "pad")
     out = func(*args, **kwargs)
-    if _is_site_map(sparsity, x) and len(pad) in (2, 4):
+    # a map padded for the windows of an attention layer is read only as keys, whose visibility the layer declares
+    if _is_site_map(sparsity, x) and len(pad) in (2, 4) and not sparsity.windowed:
         sparsity.register_padding((x.shape[-2], x.shape[-1]), pad)
     return out
 
