@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from encoder_properties import make_pair, pixel_mask, random_mask
+from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.halo_attn import HaloAttn
 from torch import nn
 
@@ -161,3 +162,20 @@ def test_gather_backend_runs_hybrids_as_the_masked_one(name: str, kwargs: dict) 
     for a, b in pairs:
         assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
         assert torch.count_nonzero(b * ~pixel_mask(active, b.shape[-1])) == 0
+
+
+def test_explicit_and_fused_attention_paths_agree() -> None:
+    """timm's layers fall back to ``q @ k^T``, softmax, ``@ v`` without fused attention (``TIMM_FUSED_ATTN=0``): the
+    scope makes that path attend over the same visible keys (multi-query attention, keys at half resolution)."""
+    torch.manual_seed(0)
+    layer = MultiQueryAttention2d(8, num_heads=2, key_dim=4, value_dim=4, kv_stride=2, dw_kernel_size=3).double()
+    layer = rebuild_as(layer, SCOPED_LAYERS[MultiQueryAttention2d]).eval()
+    layer.sparsity = SparsityContext()
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64) * upsample_mask(ACTIVE, (8, 8))
+    outputs = []
+    for fused in (True, False):
+        layer.fused_attn = fused
+        with layer.sparsity.use(ACTIVE), SparseFunctionMode(layer.sparsity):
+            outputs.append(layer(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert torch.all(outputs[0][~upsample_mask(ACTIVE, (8, 8)).expand_as(outputs[0])] == 0)
