@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from encoder_properties import make_pair, pixel_mask, random_mask
+from test_gather import _max_error as max_error
 from timm.layers.attention2d import MultiQueryAttention2d
 from timm.layers.halo_attn import HaloAttn
 from torch import nn
@@ -152,16 +153,22 @@ def test_pooled_keys_average_and_normalise_visible_tokens() -> None:
 @pytest.mark.parametrize(("name", "kwargs"), [("efficientformerv2_s0", {"img_size": 128}), ("mobilevit_xxs", {})])
 def test_gather_backend_runs_hybrids_as_the_masked_one(name: str, kwargs: dict) -> None:
     """Talking heads convolve per-head logits (not maps) and folded tokens pass linear layers: the gather backend
-    leaves both to the function mode and matches the masked backend."""
+    leaves both to the function mode and matches the masked backend in values and gradients."""
     model, masked = make_pair(name, perturb=0.2, **kwargs)  # noisy layer scales: attention branches count
     gather = SparseEncoder(copy.deepcopy(model), backend="gather")
     active = random_mask(2, 4, keep=6, seed=1)
     x = torch.randn(2, 3, 128, 128)
-    with torch.no_grad():
-        pairs = list(zip(masked(x, active), gather(x, active), strict=True))
-    for a, b in pairs:
-        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
-        assert torch.count_nonzero(b * ~pixel_mask(active, b.shape[-1])) == 0
+    results = []
+    for encoder in (masked, gather):
+        feats = encoder(x, active)
+        probe = sum((f * torch.randn(f.shape, generator=torch.Generator().manual_seed(i))).sum()
+                    for i, f in enumerate(feats))
+        results.append((feats, torch.autograd.grad(probe, list(encoder.parameters()), allow_unused=True)))
+    (feats_m, grads_m), (feats_g, grads_g) = results
+    assert max_error(feats_g, feats_m) <= 1e-4
+    assert all(torch.count_nonzero(f * ~pixel_mask(active, f.shape[-1])) == 0 for f in feats_g)
+    pairs = [(g, m) for g, m in zip(grads_g, grads_m, strict=True) if m is not None]
+    assert max_error(*zip(*pairs)) <= 1e-4
 
 
 def test_explicit_and_fused_attention_paths_agree() -> None:
