@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from encoder_properties import make_pair, pixel_mask, random_mask
 from test_gather import _max_error as max_error
-from timm.layers.attention2d import MultiQueryAttention2d
+from timm.layers.attention2d import Attention2d, MultiQueryAttention2d, MultiQueryAttentionV2
 from timm.layers.halo_attn import HaloAttn
 from torch import nn
 
@@ -186,3 +186,22 @@ def test_explicit_and_fused_attention_paths_agree() -> None:
             outputs.append(layer(x))
     torch.testing.assert_close(outputs[1], outputs[0])
     assert torch.all(outputs[0][~upsample_mask(ACTIVE, (8, 8)).expand_as(outputs[0])] == 0)
+
+
+@pytest.mark.parametrize("cls", [MultiQueryAttentionV2, Attention2d], ids=["MultiQueryAttentionV2", "Attention2d"])
+def test_attention_on_a_map_equals_the_dense_layer_on_each_visible_rectangle(cls) -> None:
+    """Global attention has no positions: on each sample's visible rectangle it is the dense layer on that
+    rectangle alone (MultiQueryAttentionV2's einsum logits run over queries, heads, keys)."""
+    torch.manual_seed(0)
+    dense = cls(8, num_heads=2).double().eval()
+    for p in dense.parameters():
+        nn.init.normal_(p, std=0.5)
+    layer = rebuild_as(copy.deepcopy(dense), SCOPED_LAYERS[cls])
+    layer.sparsity = SparsityContext()
+    active = torch.tensor([[True, True], [False, False], [False, True], [False, True]]).view(2, 1, 2, 2)
+    x = torch.randn(2, 8, 8, 8, dtype=torch.float64) * upsample_mask(active, (8, 8))
+    with layer.sparsity.use(active), SparseFunctionMode(layer.sparsity):
+        out = layer(x)
+    for b, (rows, cols) in enumerate(((slice(0, 4), slice(0, 8)), (slice(0, 8), slice(4, 8)))):
+        torch.testing.assert_close(out[b:b + 1, :, rows, cols], dense(x[b:b + 1, :, rows, cols]))
+    assert torch.all(out[~upsample_mask(active, (8, 8)).expand_as(out)] == 0)
