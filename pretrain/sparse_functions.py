@@ -16,9 +16,9 @@ touch sites (the table :data:`HANDLERS`, one entry per torch function):
 - averages (``mean`` over spatial dimensions, average and adaptive average pools) divide by the visible
   sites they cover; maxima and minima (max pools, ``amax``/``amin``) ignore masked sites; a softmax over
   the flattened positions of a map (attention pooling) gives masked positions zero weight;
-- the results line up with the patches again: a map upsampled by ``interpolate``, or a map plus a pooled
-  ``(B, C, 1, 1)`` vector, is zero at masked sites; a map padded by ``F.pad`` gets a mask that follows the
-  real positions (:meth:`SparsityContext.register_padding`);
+- the results line up with the patches again: a map upsampled by ``interpolate`` (bilinearly: from visible
+  sources only), or a map plus a pooled ``(B, C, 1, 1)`` vector, is zero at masked sites; a map padded by
+  ``F.pad`` gets a mask that follows the real positions (:meth:`SparsityContext.register_padding`);
 - outputs coarser than the patch grid (the ``1x1`` of a global pool) are not feature maps that must be zero
   anywhere: they are kept for every sample with a visible patch (see :mod:`pretrain.mask_context`);
 - functions that mix sites in a way with no sparse form here (attention over tokens that cannot be identified
@@ -253,12 +253,18 @@ def _flattened(sparsity: SparsityContext, x: Any) -> tuple[int, int] | None:
 
 
 def _reshape(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Reshapes pass through; a map flattened to ``(B, C', H*W)`` is remembered for the softmax and mean."""
+    """Reshapes pass through; a map flattened to ``(B, C', H*W)`` is remembered for the softmax and mean; a map
+    rebuilt from a per-head tensor of an attention layer (whose masked query rows a talking-head mixing may have
+    filled) is zero at masked sites again."""
     out = func(*args, **kwargs)
     x = args[0]
-    if (isinstance(out, torch.Tensor) and out.dim() == 3 and _is_site_map(sparsity, x)
+    if not isinstance(out, torch.Tensor):
+        return out
+    if (out.dim() == 3 and _is_site_map(sparsity, x)
             and out.shape[0] == x.shape[0] and out.shape[-1] == x.shape[-2] * x.shape[-1] > 1):
         sparsity.note_flattened(out, (x.shape[-2], x.shape[-1]))
+    elif sparsity.is_per_head(x) and _is_site_map(sparsity, out):
+        return out * sparsity.mask(*out.shape[-2:], out.dtype)
     return out
 
 
@@ -290,8 +296,19 @@ def _broadcast_add(sparsity: SparsityContext, func: Callable, args: tuple, kwarg
 
 
 def _interpolate(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-    out = func(*args, **kwargs)
-    if _is_site_map(sparsity, args[0]) and _is_site_map(sparsity, out):
+    """A resampled map is zero at masked sites again; a bilinear one weighs visible sources only (the weights of
+    each output renormalised over its visible sources: interpolate(x) / interpolate(mask)), which at the border
+    of a visible region is what the dense resampling of that region alone computes, edge clamping included."""
+    x = args[0]
+    if not _is_site_map(sparsity, x):
+        return func(*args, **kwargs)
+    if _argument(args, kwargs, 3, "mode", "nearest") != "bilinear":
+        out = func(*args, **kwargs)
+    else:
+        visible = sparsity.mask(*x.shape[-2:], x.dtype)
+        out = func(x * visible, *args[1:], **kwargs)
+        out = out / func(visible, *args[1:], **kwargs).clamp_min(torch.finfo(out.dtype).tiny)
+    if _is_site_map(sparsity, out):
         return out.mul_(sparsity.mask(*out.shape[-2:], out.dtype))
     return out
 

@@ -172,17 +172,22 @@ def _full_image_positions(reference: nn.Module) -> nn.Module:
 
 
 def _tables_cut_to(crop_size: int) -> Callable[[nn.Module], nn.Module]:
-    """A crop reference built for ``crop_size`` px (BoTNet's relative position tables are sized for its input) with
-    the reference's weights, its ``(2S-1, d)`` relative tables cut to their central rows: the offsets the crop has."""
+    """A crop reference built for ``crop_size`` px (models whose position tables are sized for their input) with
+    the reference's weights and its relative position tables cut to the offsets the crop has: the central rows of
+    BoTNet's ``(2S-1, d)`` tables, the ``|dy|, |dx| < s`` entries of EfficientFormerV2's ``|dy|*S + |dx|`` biases."""
 
     def build(reference: nn.Module) -> nn.Module:
         name = reference.pretrained_cfg["architecture"]
         crop = timm.create_model(name, num_classes=0, img_size=crop_size).to(next(reference.parameters()).dtype)
         target, state = crop.state_dict(), {}
         for key, value in reference.state_dict().items():
+            shape = target[key].shape
             if key.endswith("_rel"):
-                start = (value.shape[0] - target[key].shape[0]) // 2
-                value = value[start:start + target[key].shape[0]]
+                start = (value.shape[0] - shape[0]) // 2
+                value = value[start:start + shape[0]]
+            elif key.endswith("attention_biases"):
+                full, cut = round(value.shape[1] ** 0.5), round(shape[1] ** 0.5)
+                value = value.view(-1, full, full)[:, :cut, :cut].reshape(shape)
             state[key] = value
         crop.load_state_dict(state)
         return _padding_as_absent(crop)
@@ -251,9 +256,7 @@ HYBRIDS: dict[str, tuple[Hybrid, ...]] = {
     "FastViT attention stages (attention over a map's tokens, conditional position encoding)": (
         Hybrid("fastvit_sa12"),),
     "EfficientFormerV2 (talking heads, attention biases, strided and downsampling attention)": (
-        Hybrid("efficientformerv2_s0", size=128, timm_kwargs={"img_size": 128},
-               crop="its strided attention upsamples bilinearly: at the crop's border the dense crop repeats its "
-                    "edge where the sparse model reads masked sites as zeros"),),
+        Hybrid("efficientformerv2_s0", size=128, timm_kwargs={"img_size": 128}, crop=_tables_cut_to(64)),),
     "NextViT (keys pooled in raster order, BatchNorm1d over tokens)": (
         Hybrid("nextvit_small", timm_kwargs=_NO_DROP,
                crop="keys pooled in raster order of the whole map group other tokens than the crop's"),),
