@@ -13,7 +13,9 @@ backward pass gathers again from the input when that is a channels-last map (kep
 anyway), else keeps the gathered matrix of 1x1 kernels.
 
 The layers are rebuilt as subclasses of ``nn.Conv2d`` and ``nn.Linear`` that share the original
-parameters, so state-dict keys are unchanged; with no mask set they are the plain layers.
+parameters, so state-dict keys are unchanged; with no mask set they are the plain layers, and so they are on
+per-head tensors of an attention layer (EfficientFormerV2's talking heads convolve attention logits) and on
+token sequences, which the masked backend's function handlers take care of.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class GatherConv2d(nn.Conv2d):
     sparsity: SparsityContext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sparsity.enabled:
+        if not self.sparsity.enabled or self.sparsity.is_per_head(x):  # attention logits mixed across heads
             return super().forward(x)
         out_size = tuple(
             (size + 2 * pad - dil * (k - 1) - 1) // s + 1
@@ -163,7 +165,7 @@ class GatherLinear(nn.Linear):
     sparsity: SparsityContext
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.sparsity.enabled or x.dim() != 4:
+        if not self.sparsity.enabled or x.dim() != 4 or self.sparsity.is_per_head(x):
             return super().forward(x)
         return gather_linear(self, x, self.sparsity.visible_index(x.shape[1], x.shape[2]))
 

@@ -17,19 +17,25 @@ A feature map of size ``(H, W)`` gets its mask from the ``(h, w)`` patch grid in
   :meth:`SparsityContext.register_padding`.
 
 Any other size does not line up with the patches and is refused (``ValueError``).
+
+Attention layers see sites as tokens: a sequence of ``n`` tokens is the row-major flattening of the one map
+size with ``n`` sites (:meth:`SparsityContext.token_size`). While an attention layer runs, it opens a
+:class:`TokenScope` (:meth:`SparsityContext.attention`) that may add what the size alone cannot tell: token
+sequences in another order (patches folded into the batch, tokens pooled in raster order), keys gathered
+into windows, and how many heads are folded into the batch dimension.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SparsityContext", "VisibleSites", "upsample_mask"]
+__all__ = ["SparsityContext", "TokenScope", "VisibleSites", "upsample_mask"]
 
 
 def upsample_mask(active: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
@@ -68,6 +74,29 @@ class VisibleSites:
         return cls(count, inv_count, n / (n - 1).clamp_min(1.0), ratio, None if ratio is None else ratio - 1)
 
 
+@dataclass
+class TokenScope:
+    """What one attention layer declares about its tokens while it runs (see :meth:`SparsityContext.attention`).
+
+    ``heads``: the number of attention heads; per-head tensors ``(B, heads, ...)`` are not feature maps, and
+    a batch of ``B * heads`` (batch-major) is the batch with its heads folded in. ``tokens``: visibility
+    ``(B', n)`` of token sequences of length ``n`` whose order is not the row-major order of a map (added by
+    the layer, or by a pool inside it). ``keys``: visibility of the keys of each query's window, a bool tensor
+    whose last dimension is the number of keys per window and that broadcasts against the attention logits
+    once the heads are folded into its first dimension; ``queries`` likewise for the queries of each window (size
+    1 on the keys' dimension). ``query_dim``: the dimension of the logits that runs over queries (-2 for
+    ``q @ k^T``). ``softmax_over_keys``: whether a softmax over the last dimension in this layer is one over keys
+    (False for attention between channels, whose softmax is not).
+    """
+
+    heads: int | None = None
+    tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    keys: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+    query_dim: int = -2
+    softmax_over_keys: bool = True
+
+
 class SparsityContext:
     """The patch mask of the current forward pass and its views at every feature resolution.
 
@@ -80,15 +109,16 @@ class SparsityContext:
         self.active: torch.Tensor | None = None
         self.sync_batchnorm: bool = True
         self._views: dict[tuple, Any] = {}
+        self._scopes: list[TokenScope] = []
 
     @contextlib.contextmanager
     def use(self, active: torch.Tensor | None) -> Iterator[None]:
         """Make ``active`` the mask seen by every sparse layer inside the ``with`` block."""
-        self.active, self._views = active, {}
+        self.active, self._views, self._scopes = active, {}, []
         try:
             yield
         finally:
-            self.active, self._views = None, {}
+            self.active, self._views, self._scopes = None, {}, []
 
     @property
     def enabled(self) -> bool:
@@ -208,3 +238,114 @@ class SparsityContext:
     def visible_per_sample(self, height: int, width: int) -> torch.Tensor:
         """Number of visible sites of each sample at ``(height, width)``, shape ``(B,)`` float."""
         return self.cached(("count", height, width), lambda: self.bool_mask(height, width).flatten(1).sum(1).float())
+
+    # --- tokens: the sites of a map as a sequence, inside attention layers -----------------------------------
+
+    def token_size(self, count: int) -> tuple[int, int] | None:
+        """The map size ``(H, W)`` with ``count`` sites that lines up with the patch grid (a whole up- or
+        downsampling of it), or None. At most one size has a given number of sites."""
+        grid_h, grid_w = self.active.shape[-2:]
+        if count == 1:
+            return (1, 1)
+        if count % (grid_h * grid_w) == 0:
+            scale = round((count // (grid_h * grid_w)) ** 0.5)
+            if scale * scale * grid_h * grid_w == count:
+                return (scale * grid_h, scale * grid_w)
+            return None
+        if (grid_h * grid_w) % count == 0:
+            factor = round(((grid_h * grid_w) // count) ** 0.5)
+            if factor * factor * count == grid_h * grid_w and grid_h % factor == 0 and grid_w % factor == 0:
+                return (grid_h // factor, grid_w // factor)
+        return None
+
+    @contextlib.contextmanager
+    def attention(self, scope: TokenScope) -> Iterator[TokenScope]:
+        """Declare ``scope`` for the duration of one attention layer's forward (scopes nest)."""
+        self._scopes.append(scope)
+        try:
+            yield scope
+        finally:
+            self._scopes.pop()
+
+    @property
+    def attending(self) -> bool:
+        """Whether an attention layer's forward is running (a :class:`TokenScope` is open)."""
+        return bool(self._scopes)
+
+    @property
+    def softmax_over_keys(self) -> bool:
+        """Whether the innermost open scope's softmaxes over the last dimension weigh keys."""
+        return self._scopes[-1].softmax_over_keys
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the innermost open scope declares the keys of windows (blocked local attention)."""
+        return bool(self._scopes) and self._scopes[-1].keys is not None
+
+    def _heads(self) -> int | None:
+        return next((s.heads for s in reversed(self._scopes) if s.heads is not None), None)
+
+    def token_mask(self, batch: int, count: int) -> torch.Tensor | None:
+        """Visibility ``(batch, count)`` of a token sequence of length ``count`` in a batch of ``batch``, or None
+        when nothing says which sites its tokens are.
+
+        Sequences declared by the open scopes come first; otherwise the tokens are the row-major sites of the map
+        with ``count`` sites (:meth:`token_size`). The batch is this pass's, or the declared sequences' own, or
+        either with the declared heads folded in (batch-major).
+        """
+        declared = next((s.tokens[count] for s in reversed(self._scopes) if count in s.tokens), None)
+        if declared is None:
+            size = self.token_size(count)
+            if size is None:
+                return None
+            declared = self.cached(("tokens", count), lambda: self.bool_mask(*size).reshape(self.batch_size, count))
+        return self._fold(declared, batch)
+
+    def _fold(self, mask: torch.Tensor, batch: int) -> torch.Tensor | None:
+        """``mask`` for a batch of ``batch``: itself, or repeated for the heads folded into the batch."""
+        if mask.shape[0] == batch:
+            return mask
+        heads = self._heads()
+        if heads is not None and batch == mask.shape[0] * heads:
+            return mask.repeat_interleave(heads, dim=0)
+        return None
+
+    def declare_tokens(self, mask: torch.Tensor) -> None:
+        """Add a token sequence's visibility ``(B', n)`` to the innermost open scope (e.g. a pool's output)."""
+        self._scopes[-1].tokens[mask.shape[-1]] = mask
+
+    def key_mask(self, logits: Sequence[int]) -> torch.Tensor | None:
+        """Which keys each row of attention logits of shape ``logits`` (keys last) may see, as a bool tensor that
+        broadcasts against them; None when the keys cannot be identified as sites. Declared windows first, then
+        the token sequences of :meth:`token_mask`."""
+        for scope in reversed(self._scopes):
+            keys = scope.keys
+            if keys is not None and keys.shape[-1] == logits[-1] and keys.dim() == len(logits):
+                return self._fold(keys, logits[0])
+        tokens = self.token_mask(logits[0], logits[-1])
+        if tokens is None:
+            return None
+        return tokens.view(tokens.shape[0], *([1] * (len(logits) - 2)), tokens.shape[-1])
+
+    def query_mask(self, logits: Sequence[int]) -> torch.Tensor | None:
+        """Which rows of attention logits of shape ``logits`` are visible queries, as a bool tensor that broadcasts
+        against them; None when the queries cannot be identified as sites (then their rows are left as they are:
+        the layer's output at masked sites is zeroed downstream)."""
+        for scope in reversed(self._scopes):
+            queries = scope.queries
+            if queries is not None and queries.dim() == len(logits) and queries.shape[-2] == logits[-2]:
+                return self._fold(queries, logits[0])
+        query_dim = self._scopes[-1].query_dim % len(logits)
+        tokens = self.token_mask(logits[0], logits[query_dim])
+        if tokens is None:
+            return None
+        shape = [1] * len(logits)
+        shape[0], shape[query_dim] = tokens.shape
+        return tokens.view(shape)
+
+    def is_per_head(self, x: Any) -> bool:
+        """Whether ``x`` is a per-head tensor ``(B, heads, ...)`` of the open attention scope (logits, or queries,
+        keys and values split by head), which is never a feature map even when its last two sizes line up."""
+        heads = self._heads()
+        return (heads is not None and isinstance(x, torch.Tensor) and x.dim() == 4
+                and x.shape[0] == self.batch_size and x.shape[1] == heads)

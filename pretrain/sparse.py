@@ -15,15 +15,16 @@ No timm class is edited. Two mechanisms share the work:
   (``x.mean((2, 3))``, ``F.adaptive_avg_pool2d``, ``F.pad``, a softmax over positions), is handled by
   :class:`pretrain.sparse_functions.SparseFunctionMode`, which the encoder enters during its forward pass.
 
-The mask lives in a :class:`pretrain.mask_context.SparsityContext` owned by one encoder instance and is set
-only for the duration of that encoder's forward pass. Layers that mix sites in a way neither mechanism
-makes sparse (group norms, self-attention over tokens) are refused by :func:`sparsify`.
+Attention layers are rebuilt as scoped subclasses (:mod:`pretrain.attention_layers`) that declare what their
+tokens are while timm's own ``forward`` runs; ``nn.BatchNorm1d`` on a token sequence (NextViT's pooled keys)
+normalises over its visible tokens. The mask lives in a :class:`pretrain.mask_context.SparsityContext` owned by
+one encoder instance and is set only for the duration of that encoder's forward pass. Layers that mix sites in a
+way no mechanism makes sparse are refused by :func:`sparsify`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -35,13 +36,15 @@ from timm.layers import activations as timm_act
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from .attention_layers import named_class, scoped_class
 from .gather import gatherable
 from .mask_context import SparsityContext, VisibleSites, upsample_mask
-from .sparse_functions import fill_masked
+from .site_maps import NoSparseVersion, fill_masked
 
 __all__ = [
     "BACKENDS",
     "SparsityContext",
+    "SparseBatchNorm1d",
     "SparseBatchNorm2d",
     "SparseBatchNormAct2d",
     "SparseMaxPool2d",
@@ -216,6 +219,25 @@ class SparseBatchNormAct2d(BatchNormAct2d, _SparseLayer):
         return x if mask is None or isinstance(self.act, ZERO_PRESERVING) else x * mask
 
 
+class SparseBatchNorm1d(nn.BatchNorm1d, _SparseLayer):
+    """``nn.BatchNorm1d`` whose statistics over a token sequence ``(B', C, n)`` cover visible tokens only (the
+    sequence's visibility from the running attention layer or from ``n``); vectors ``(B, C)`` and passes without a
+    mask are the plain layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.sparsity.enabled or x.dim() != 3:
+            return super().forward(x)
+        rows = self.sparsity.token_mask(x.shape[0], x.shape[-1])
+        if rows is None:
+            raise NoSparseVersion(
+                f"BatchNorm1d over a sequence of shape {tuple(x.shape)} whose tokens are not identifiable as sites"
+            )
+        mask = rows.view(rows.shape[0], 1, rows.shape[1], 1).to(x.dtype)
+        sites = VisibleSites.of(rows.sum(dtype=torch.float64), rows.numel())
+        out = masked_batch_norm(self, x.unsqueeze(-1), mask, self.sparsity.sync_batchnorm, sites)
+        return out.squeeze(-1)
+
+
 def _site_mask(sparsity: SparsityContext, x: torch.Tensor) -> tuple[torch.Tensor | None, VisibleSites | None]:
     """The mask at ``x``'s resolution and its visible sites, or (None, None) when dense."""
     if not sparsity.enabled:
@@ -267,6 +289,7 @@ ZERO_PRESERVING: tuple[type, ...] = (
 
 # Layers rebuilt as a sparse subclass (exact class match).
 _REBUILT: Mapping[type, type] = MappingProxyType({
+    nn.BatchNorm1d: SparseBatchNorm1d,
     nn.BatchNorm2d: SparseBatchNorm2d,
     BatchNormAct2d: SparseBatchNormAct2d,
     nn.MaxPool2d: SparseMaxPool2d,
@@ -275,49 +298,23 @@ _REBUILT: Mapping[type, type] = MappingProxyType({
 # How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
 BACKENDS: tuple[str, ...] = ("masked", "gather")
 
-_NORM = "it normalises over all sites"
-_ATTENTION = "it attends over all tokens of a map (sparse self-attention would need masked keys)"
-
 # Layers that mix sites in ways this suite does not make sparse, "module:Class" -> reason. Classes missing from
 # the installed timm are skipped. Any BatchNorm class other than the exact types rebuilt above (e.g.
-# SyncBatchNorm) lands here too. Self-attention through scaled_dot_product_attention is also refused by the
-# function mode whatever its class; this list catches the forms written by hand.
+# SyncBatchNorm, BatchNorm3d) lands here too. Attention that folds sites into the batch without declaring how is
+# also refused by the function mode whatever its class; this list catches what the function mode cannot see.
 _UNSUPPORTED_SPECS: Mapping[str, str] = MappingProxyType({
-    "torch.nn:GroupNorm": _NORM,
-    "torch.nn:InstanceNorm2d": _NORM,
-    "torch.nn:LocalResponseNorm": _NORM,
     "torch.nn.modules.batchnorm:_BatchNorm": "this BatchNorm class has no sparse version",
-    "timm.layers.attention:Attention": _ATTENTION,
-    "timm.layers.attention2d:Attention2d": _ATTENTION,
-    "timm.layers.attention2d:MultiQueryAttention2d": _ATTENTION,
-    "timm.layers.attention2d:MultiQueryAttentionV2": _ATTENTION,
-    "timm.layers.bottleneck_attn:BottleneckAttn": _ATTENTION,
-    "timm.layers.halo_attn:HaloAttn": _ATTENTION,
-    "timm.layers.lambda_layer:LambdaLayer": _ATTENTION,
-    "timm.models.edgenext:CrossCovarianceAttn": _ATTENTION,
-    "timm.models.fastvit:Attention": _ATTENTION,
-    "timm.models.swiftformer:EfficientAdditiveAttention": _ATTENTION,
-    "timm.models.efficientformer:Attention": _ATTENTION,
-    "timm.models.efficientformer_v2:Attention2d": _ATTENTION,
-    "timm.models.efficientformer_v2:Attention2dDownsample": _ATTENTION,
-    "timm.models.nextvit:EfficientAttention": _ATTENTION,
-    "timm.models.metaformer:Attention": _ATTENTION,
-    "timm.models.mobilevit:LinearSelfAttention": _ATTENTION,
+    "timm.models.mobilevit:LinearSelfAttention": (
+        "it attends over patches folded into a (patch, position) map that convolutions and its softmax would "
+        "read as sites (MobileViT-V2 has no sparse version)"
+    ),
 })
 
 
 def _resolve(specs: Mapping[str, str]) -> tuple[tuple[type, str], ...]:
     """The classes named by ``specs`` that exist in the installed packages, with their reasons."""
-    resolved = []
-    for spec, reason in specs.items():
-        module_name, _, class_name = spec.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name, None)
-        except ImportError:
-            cls = None
-        if cls is not None:
-            resolved.append((cls, reason))
-    return tuple(resolved)
+    resolved = ((named_class(spec), reason) for spec, reason in specs.items())
+    return tuple((cls, reason) for cls, reason in resolved if cls is not None)
 
 
 _UNSUPPORTED: tuple[tuple[type, str], ...] = _resolve(_UNSUPPORTED_SPECS)
@@ -339,9 +336,10 @@ def rebuild_as(module: nn.Module, cls: type) -> nn.Module:
 def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked") -> None:
     """Make ``model``'s stateful layers compute submanifold-sparsely whenever ``sparsity`` holds a mask.
 
-    Rebuilds BatchNorm and max-pool layers in place as sparse subclasses and, with ``backend='gather'``,
-    plain convolutions and linear layers (:mod:`pretrain.gather`); the rest of the sparse semantics comes
-    from :class:`pretrain.sparse_functions.SparseFunctionMode` during the forward pass. Raises
+    Rebuilds BatchNorm and max-pool layers in place as sparse subclasses, attention layers as scoped subclasses
+    (:mod:`pretrain.attention_layers`) and, with ``backend='gather'``, plain convolutions and linear layers
+    (:mod:`pretrain.gather`); the rest of the sparse semantics comes from
+    :class:`pretrain.sparse_functions.SparseFunctionMode` during the forward pass. Raises
     ``NotImplementedError`` naming the first layer that mixes sites and has no sparse version, and
     ``ValueError`` for an unknown backend.
     """
@@ -351,7 +349,8 @@ def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             path = f"{prefix}{name}"
-            sparse_cls = _REBUILT.get(type(child)) or (gatherable(child) if backend == "gather" else None)
+            sparse_cls = (_REBUILT.get(type(child)) or scoped_class(child)
+                          or (gatherable(child) if backend == "gather" else None))
             if sparse_cls is not None:
                 rebuilt = rebuild_as(child, sparse_cls)
                 rebuilt.sparsity = sparsity

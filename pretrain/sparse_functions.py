@@ -9,21 +9,27 @@ touch sites (the table :data:`HANDLERS`, one entry per torch function):
 
 - convolutions, linear layers and LayerNorms on feature maps (NCHW, or NHWC for linear layers and norms
   over the last dimension) write exact zeros to masked sites;
+- norms and spread statistics over sites (group, instance and multi-dimensional layer norms, ``var``/``std``
+  over H and W) take their statistics over visible sites (:mod:`pretrain.visible_norms`);
+- attention attends over visible keys (``scaled_dot_product_attention``, softmaxes over keys inside attention
+  layers, token pooling; :mod:`pretrain.sparse_attention`);
 - averages (``mean`` over spatial dimensions, average and adaptive average pools) divide by the visible
   sites they cover; maxima and minima (max pools, ``amax``/``amin``) ignore masked sites; a softmax over
   the flattened positions of a map (attention pooling) gives masked positions zero weight;
-- the results line up with the patches again: a map upsampled by ``interpolate``, or a map plus a pooled
-  ``(B, C, 1, 1)`` vector, is zero at masked sites; a map padded by ``F.pad`` gets a mask that follows the
-  real positions (:meth:`SparsityContext.register_padding`);
+- the results line up with the patches again: a map upsampled by ``interpolate`` (bilinearly: from visible
+  sources only), or a map plus a pooled ``(B, C, 1, 1)`` vector, is zero at masked sites; a map padded by
+  ``F.pad`` gets a mask that follows the real positions (:meth:`SparsityContext.register_padding`);
 - outputs coarser than the patch grid (the ``1x1`` of a global pool) are not feature maps that must be zero
   anywhere: they are kept for every sample with a visible patch (see :mod:`pretrain.mask_context`);
-- functions that mix all sites and have no sparse form here (self-attention through
-  ``scaled_dot_product_attention``, group or instance norms, spatial variance and standard deviation) raise
-  :class:`NoSparseVersion` (a ``NotImplementedError``), which the encoder turns into a refusal when it is built.
+- functions that mix sites in a way with no sparse form here (attention over tokens that cannot be identified
+  as sites, causal attention, multi-dimensional LayerNorms that do not cover a whole map, adaptive pools to
+  non-dividing sizes) raise :class:`NoSparseVersion` (a ``NotImplementedError``), which the encoder turns into a
+  refusal when it is built.
 
-Tensors are read as NCHW when they are 4-D with the mask's batch size; layers that fold sites into the batch
-dimension (patch-unfolding transformers) are refused. Masked sites of a map entering any of these functions
-are already zero (every producer above guarantees it), so visible sums are plain sums.
+Tensors are read as NCHW when they are 4-D with the mask's batch size (per-head tensors of an attention layer
+excepted); sites folded into the batch dimension are refused unless the layer that folds them declares how
+(:mod:`pretrain.attention_layers`). Masked sites of a map entering any of these functions are already zero
+(every producer above guarantees it), so visible sums are plain sums.
 """
 
 from __future__ import annotations
@@ -37,15 +43,19 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from .mask_context import SparsityContext
+from .site_maps import Handler, NoSparseVersion, fill_masked
+from .site_maps import argument as _argument
+from .site_maps import is_map as _is_map
+from .site_maps import is_site_map as _is_site_map
+from .site_maps import mask_nchw as _mask_nchw
+from .site_maps import mask_nhwc as _mask_nhwc
+from .site_maps import reduces_sites as _reduces_sites
+from .site_maps import require_sites as _require_sites
+from .site_maps import spatial_dims as _spatial_dims
+from .sparse_attention import ATTENTION_HANDLERS, mask_token_rows, masked_softmax
+from .visible_norms import NORM_HANDLERS, layer_norm_over_sites
 
 __all__ = ["HANDLERS", "NoSparseVersion", "SparseFunctionMode", "fill_masked"]
-
-Handler = Callable[[SparsityContext, Callable, tuple, dict], Any]
-
-
-class NoSparseVersion(NotImplementedError):
-    """A function mixes the sites of a feature map in a way that has no sparse version here."""
-
 
 class SparseFunctionMode(TorchFunctionMode):
     """While active, torch functions on feature maps follow the sparse semantics of ``sparsity``'s mask."""
@@ -61,82 +71,6 @@ class SparseFunctionMode(TorchFunctionMode):
         return handler(self.sparsity, func, args, kwargs or {})
 
 
-# --- reading arguments and maps ---------------------------------------------------------------------------
-
-
-def _argument(args: tuple, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
-    """Positional argument ``index`` or keyword ``name`` of a call, else ``default``."""
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
-
-
-def _is_map(sparsity: SparsityContext, x: Any) -> bool:
-    """Whether ``x`` is a 4-D tensor of the masked batch (read as NCHW)."""
-    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[0] == sparsity.batch_size
-
-
-def _is_site_map(sparsity: SparsityContext, x: Any) -> bool:
-    """Whether ``x`` is an NCHW map whose spatial size has a mask in this pass."""
-    return _is_map(sparsity, x) and sparsity.lines_up(x.shape[-2], x.shape[-1])
-
-
-def _require_sites(sparsity: SparsityContext, x: torch.Tensor, what: str, height: int, width: int) -> None:
-    """Raise unless ``x``, the input or output of ``what``, is a map of the masked batch with a mask."""
-    if x.shape[0] != sparsity.batch_size:
-        raise ValueError(
-            f"{what} on a tensor of shape {tuple(x.shape)} whose first dimension is not the batch of "
-            f"{sparsity.batch_size}: sites folded into the batch dimension cannot be masked"
-        )
-    sparsity.bool_mask(height, width)  # raises ValueError for a size that does not line up
-
-
-def _spatial_dims(x: torch.Tensor, dim: Any) -> tuple[int, ...] | None:
-    """The reduced dimensions (non-negative) of a reduction over ``dim`` (None or () = all)."""
-    if dim is None or (isinstance(dim, Sequence) and len(dim) == 0):
-        return tuple(range(x.dim()))
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    return tuple(sorted(d % x.dim() for d in dims))
-
-
-def _reduces_sites(sparsity: SparsityContext, x: Any, dims: tuple[int, ...] | None) -> bool:
-    """Whether a reduction of ``x`` over ``dims`` pools the sites of a feature map: both spatial dimensions.
-
-    A reduction over the last dimension alone is read as one over the channels of a channels-last map (a
-    hand-written norm), not as row pooling, which therefore is not made sparse.
-    """
-    return (_is_map(sparsity, x) and dims is not None and 2 in dims and 3 in dims
-            and x.shape[-2] * x.shape[-1] > 1)
-
-
-def fill_masked(sparsity: SparsityContext, x: torch.Tensor, value: float) -> torch.Tensor:
-    """``x`` (NCHW) with its masked sites set to ``value``; channels-last input stays channels-last.
-
-    Max pools fill with the lowest finite value, not -inf: in a window of masked sites only, a finite value
-    still wins over the implicit -inf padding, so the recorded argmax is an in-bounds (masked) site and the
-    backward pass never indexes outside the input (that output is zeroed, so it gets no gradient anyway).
-    """
-    return torch.where(sparsity.bool_mask(x.shape[-2], x.shape[-1]), x, value)
-
-
-def _mask_nchw(sparsity: SparsityContext, out: torch.Tensor, what: str) -> torch.Tensor:
-    """Zero the masked sites of an NCHW output in place (its producer does not keep it for backward)."""
-    if out.dim() != 4:
-        return out
-    height, width = out.shape[-2:]
-    _require_sites(sparsity, out, what, height, width)
-    return out.mul_(sparsity.mask(height, width, out.dtype))
-
-
-def _mask_nhwc(sparsity: SparsityContext, out: torch.Tensor, what: str) -> torch.Tensor:
-    """Zero the masked sites of a channels-last ``(B, H, W, C)`` output in place."""
-    if out.dim() != 4:
-        return out
-    height, width = out.shape[1:3]
-    _require_sites(sparsity, out, what, height, width)
-    return out.mul_(sparsity.mask(height, width, out.dtype, channels_last=True))
-
-
 # --- layers that compute per site -------------------------------------------------------------------------
 
 
@@ -145,47 +79,18 @@ def _conv(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) 
 
 
 def _linear(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
-    # on 4-D maps only in channels-last blocks (ConvNeXt's linear MLP)
-    return _mask_nhwc(sparsity, func(*args, **kwargs), "a linear layer")
+    # on 4-D maps only in channels-last blocks (ConvNeXt's linear MLP); on tokens inside attention layers
+    out = func(*args, **kwargs)
+    return mask_token_rows(sparsity, out) if out.dim() == 3 else _mask_nhwc(sparsity, out, "a linear layer")
 
 
 def _layer_norm(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> torch.Tensor:
     x, shape = args[0], _argument(args, kwargs, 1, "normalized_shape")
+    if x.dim() == 4 and not isinstance(shape, int) and len(shape) != 1:  # over H and W too: visible sites
+        weight, bias = _argument(args, kwargs, 2, "weight"), _argument(args, kwargs, 3, "bias")
+        return layer_norm_over_sites(sparsity, x, tuple(shape), weight, bias, _argument(args, kwargs, 4, "eps", 1e-5))
     out = func(*args, **kwargs)
-    if x.dim() != 4:
-        return out
-    if not isinstance(shape, int) and len(shape) != 1:
-        raise NoSparseVersion(f"a LayerNorm over the last {len(shape)} dimensions of a feature map mixes sites")
-    return _mask_nhwc(sparsity, out, "a LayerNorm")
-
-
-def _refuse(reason: str) -> Handler:
-    """A handler that refuses the function on feature maps (any 4-D tensor of the batch) with ``reason``."""
-
-    def handler(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-        if _is_map(sparsity, args[0]):
-            raise NoSparseVersion(f"{func.__name__} {reason}")
-        return func(*args, **kwargs)
-
-    return handler
-
-
-def _refuse_spatial(reason: str) -> Handler:
-    """A handler that refuses a reduction over the spatial dimensions of a feature map with ``reason``."""
-
-    def handler(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-        if _reduces_sites(sparsity, args[0], _spatial_dims(args[0], _argument(args, kwargs, 1, "dim"))):
-            raise NoSparseVersion(f"{func.__name__} over the sites of a feature map {reason}")
-        return func(*args, **kwargs)
-
-    return handler
-
-
-def _attention(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-    raise NoSparseVersion(
-        "self-attention over feature-map tokens (scaled_dot_product_attention) has no sparse version here: "
-        "masked tokens would have to be removed from the keys"
-    )
+    return mask_token_rows(sparsity, out) if x.dim() == 3 else _mask_nhwc(sparsity, out, "a LayerNorm")
 
 
 # --- averages, maxima and softmax over sites --------------------------------------------------------------
@@ -348,12 +253,18 @@ def _flattened(sparsity: SparsityContext, x: Any) -> tuple[int, int] | None:
 
 
 def _reshape(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-    """Reshapes pass through; a map flattened to ``(B, C', H*W)`` is remembered for the softmax and mean."""
+    """Reshapes pass through; a map flattened to ``(B, C', H*W)`` is remembered for the softmax and mean; a map
+    rebuilt from a per-head tensor of an attention layer (whose masked query rows a talking-head mixing may have
+    filled) is zero at masked sites again."""
     out = func(*args, **kwargs)
     x = args[0]
-    if (isinstance(out, torch.Tensor) and out.dim() == 3 and _is_site_map(sparsity, x)
+    if not isinstance(out, torch.Tensor):
+        return out
+    if (out.dim() == 3 and _is_site_map(sparsity, x)
             and out.shape[0] == x.shape[0] and out.shape[-1] == x.shape[-2] * x.shape[-1] > 1):
         sparsity.note_flattened(out, (x.shape[-2], x.shape[-1]))
+    elif sparsity.is_per_head(x) and _is_site_map(sparsity, out):
+        return out * sparsity.mask(*out.shape[-2:], out.dtype)
     return out
 
 
@@ -362,7 +273,8 @@ def _softmax(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dic
     x, dim = args[0], _argument(args, kwargs, 1, "dim")
     flat = _flattened(sparsity, x)
     if flat is None or dim is None or dim % x.dim() != x.dim() - 1:
-        return func(*args, **kwargs)
+        weights = masked_softmax(sparsity, func, args, kwargs)  # over the keys of attention logits
+        return func(*args, **kwargs) if weights is None else weights
     visible = sparsity.bool_mask(*flat).view(x.shape[0], 1, -1)
     weights = func(x.masked_fill(~visible, torch.finfo(x.dtype).min), *args[1:], **kwargs)
     return weights * visible  # a sample without visible positions pools nothing
@@ -384,8 +296,19 @@ def _broadcast_add(sparsity: SparsityContext, func: Callable, args: tuple, kwarg
 
 
 def _interpolate(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
-    out = func(*args, **kwargs)
-    if _is_site_map(sparsity, args[0]) and _is_site_map(sparsity, out):
+    """A resampled map is zero at masked sites again; a bilinear one weighs visible sources only (the weights of
+    each output renormalised over its visible sources: interpolate(x) / interpolate(mask)), which at the border
+    of a visible region is what the dense resampling of that region alone computes, edge clamping included."""
+    x = args[0]
+    if not _is_site_map(sparsity, x):
+        return func(*args, **kwargs)
+    if _argument(args, kwargs, 3, "mode", "nearest") != "bilinear":
+        out = func(*args, **kwargs)
+    else:
+        visible = sparsity.mask(*x.shape[-2:], x.dtype)
+        out = func(x * visible, *args[1:], **kwargs)
+        out = out / func(visible, *args[1:], **kwargs).clamp_min(torch.finfo(out.dtype).tiny)
+    if _is_site_map(sparsity, out):
         return out.mul_(sparsity.mask(*out.shape[-2:], out.dtype))
     return out
 
@@ -393,34 +316,28 @@ def _interpolate(sparsity: SparsityContext, func: Callable, args: tuple, kwargs:
 def _pad(sparsity: SparsityContext, func: Callable, args: tuple, kwargs: dict) -> Any:
     x, pad = args[0], _argument(args, kwargs, 1, "pad")
     out = func(*args, **kwargs)
-    if _is_site_map(sparsity, x) and len(pad) in (2, 4):
+    # a map padded for the windows of an attention layer is read only as keys, whose visibility the layer declares
+    if _is_site_map(sparsity, x) and len(pad) in (2, 4) and not sparsity.windowed:
         sparsity.register_padding((x.shape[-2], x.shape[-1]), pad)
     return out
 
 
-_MIXES_SITES = "mixes all sites of a feature map and has no sparse version"
 _ADAPTIVE_MAX = _adaptive(_max_pool, F.max_pool2d, _whole_max, "max")
 
-# One entry per torch function: how it runs on feature maps while the sparse encoder holds a mask.
+# One entry per torch function: how it runs on feature maps while the sparse encoder holds a mask (norms and
+# spreads over sites: pretrain.visible_norms; attention: pretrain.sparse_attention).
 HANDLERS: Mapping[Callable, Handler] = MappingProxyType({
+    **NORM_HANDLERS,
+    **ATTENTION_HANDLERS,
     torch.conv2d: _conv,
     F.linear: _linear,
     F.layer_norm: _layer_norm,
-    F.group_norm: _refuse(_MIXES_SITES),
-    F.instance_norm: _refuse(_MIXES_SITES),
-    F.scaled_dot_product_attention: _attention,
     torch.mean: _mean,
     torch.Tensor.mean: _mean,
     torch.amax: _extreme,
     torch.Tensor.amax: _extreme,
     torch.amin: _extreme,
     torch.Tensor.amin: _extreme,
-    torch.var: _refuse_spatial(_MIXES_SITES),
-    torch.Tensor.var: _refuse_spatial(_MIXES_SITES),
-    torch.std: _refuse_spatial(_MIXES_SITES),
-    torch.Tensor.std: _refuse_spatial(_MIXES_SITES),
-    torch.var_mean: _refuse_spatial(_MIXES_SITES),
-    torch.std_mean: _refuse_spatial(_MIXES_SITES),
     F.avg_pool2d: _avg_pool,
     F.max_pool2d: _max_pool,
     F.max_pool2d_with_indices: _max_pool,  # F.max_pool2d(..., return_indices=True) dispatches here

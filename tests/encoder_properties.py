@@ -202,3 +202,77 @@ def check_visible_averaging(
     for a, e, stride in zip(encoder(x, active), expected, FEATURE_STRIDES, strict=True):
         inner = slice(ratio // stride, 3 * ratio // stride)
         assert_close_relative(a[:, :, inner, inner], e, rtol)
+
+
+# --- hybrids: a central crop of any grid, and attention that must not look at masked keys ---------------------
+
+
+def check_central_crop(
+    encoder: SparseEncoder, crop_model: nn.Module, grid: int = 4, train: bool = True, batch: int = 2,
+    rtol: float = 1e-5,
+) -> None:
+    """Property 5 for any even ``grid``: with only the central ``grid/2 x grid/2`` patches visible, the maps over
+    them equal ``crop_model``'s maps of the central crop.
+
+    ``crop_model`` is prepared by the caller: padding treated as absent (``_padding_as_absent``) and, for layers
+    that depend on where a site is or on the input size, the full image's absolute positions or relative tables
+    cut to the crop, so that the crop computes what a sparse model that left the masked sites out must compute.
+    """
+    ratio, quarter = encoder.downsample_ratio, grid // 4
+    crop_model.train(train)
+    encoder.train(train)
+    x = _inputs(batch, grid * ratio, _dtype(encoder))
+    active = torch.zeros(batch, 1, grid, grid, dtype=torch.bool)
+    active[:, :, quarter:grid - quarter, quarter:grid - quarter] = True
+    pixels = slice(quarter * ratio, (grid - quarter) * ratio)
+    cropped = crop_model.forward_intermediates(x[:, :, pixels, pixels], indices=len(FEATURE_STRIDES),
+                                               intermediates_only=True)
+    for sparse, dense in zip(encoder(x, active), cropped, strict=True):
+        start = (sparse.shape[-1] - dense.shape[-1]) // 2
+        centre = slice(start, start + dense.shape[-1])
+        assert_close_relative(sparse[:, :, centre, centre], dense, rtol)
+
+
+def map_sites(out: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Visible sites ``(B, 1, h, w)`` of a square map ``out`` at any resolution: a coarse site is visible when any
+    patch it covers is."""
+    side, grid = out.shape[-1], active.shape[-1]
+    if side >= grid:
+        return pixel_mask(active, side)
+    return torch.nn.functional.max_pool2d(active.double(), grid // side) > 0
+
+
+def token_sites(out: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Visible rows ``(B, N, 1)`` of the row-major tokens ``(B, N, C)`` of a square map."""
+    side = round(out.shape[1] ** 0.5)
+    return map_sites(out.new_empty(1, 1, side, side), active).flatten(1).unsqueeze(-1)
+
+
+def check_masked_keys_ignored(
+    encoder: SparseEncoder, projections: list[tuple[nn.Module, object]], size: int = 64, batch: int = 2,
+    keep: int = 2, rtol: float = 1e-9,
+) -> None:
+    """Property 6, attention over visible tokens: each ``(module, sites)`` pair names a projection whose output
+    only feeds attention as queries, keys or values, and ``sites(output, active)`` its visible positions.
+    Writing large noise into every masked position of those outputs changes no map: masked keys get no weight,
+    masked queries output zeros."""
+    assert projections, "no attention projection to poison"
+    encoder.train()
+    active = random_mask(batch, size // encoder.downsample_ratio, keep=keep, seed=3)
+    x = _inputs(batch, size, _dtype(encoder))
+    clean = encoder(x, active)
+
+    def poison(sites):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            return torch.where(sites(out, active), out, torch.randn_like(out) * 100)
+
+        return hook
+
+    handles = [module.register_forward_hook(poison(sites)) for module, sites in projections]
+    try:
+        poisoned = encoder(x, active)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for a, b in zip(clean, poisoned, strict=True):
+        assert_close_relative(b, a, rtol)

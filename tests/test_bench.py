@@ -46,3 +46,12 @@ def test_bench_rejects_unknown_mode() -> None:
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--modes", "sparse,dense", "--device", "cpu"])
     assert exit_info.value.code == 2
+
+
+def test_bench_times_a_hybrid_against_zero_outing(capsys) -> None:
+    """Attention over visible tokens (EdgeNeXt's cross-covariance attention) in the timed sparse step."""
+    argv = [*SMOKE, "--model", "edgenext_xx_small", "--modes", "sparse,zero"]  # the later --model wins
+    assert bench.main(argv) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["settings"]["model"] == "edgenext_xx_small" and set(printed["results"]) == {"sparse", "zero"}
+    assert printed["sparse_over_zero_time"] > 0

@@ -173,13 +173,14 @@ def _replace(model: nn.Module, path: str, layer: nn.Module) -> nn.Module:
 
 
 class _TokenAttention(torch.nn.Module):
-    """Self-attention over the tokens of a map, written with scaled_dot_product_attention (a class the
-    sparse encoder has never heard of)."""
+    """Self-attention within windows of four tokens of a map, folded into the batch, written with
+    scaled_dot_product_attention (a class the sparse encoder has never heard of, which says nothing of how it
+    folds the sites: over a map's own tokens it would just work)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens = x.flatten(2).transpose(1, 2).reshape(-1, 4, x.shape[1])
         out = torch.nn.functional.scaled_dot_product_attention(tokens, tokens, tokens)
-        return out.transpose(1, 2).reshape(x.shape)
+        return out.reshape(x.shape[0], -1, x.shape[1]).transpose(1, 2).reshape(x.shape)
 
 
 class _PositionalMap(torch.nn.Module):
@@ -221,7 +222,7 @@ class _PatchUnfoldConv(nn.Module):
 @pytest.mark.parametrize(
     ("layer", "error", "message"),
     [
-        (_TokenAttention(), NotImplementedError, "resnet18 cannot run sparsely: self-attention over feature-map"),
+        (_TokenAttention(), NotImplementedError, "resnet18 cannot run sparsely: scaled_dot_product_attention over 4"),
         (_PositionalMap(), ValueError, "resnet18 cannot run sparsely: its stride-4 map is not zero at masked"),
         # the probe's stride-4 map is 16x16: a 3x3 grid of pools does not divide it
         (_GridPool(3), NotImplementedError,

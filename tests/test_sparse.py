@@ -241,9 +241,11 @@ def test_attention_pooling_weighs_visible_positions_and_keeps_masked_sites_zero(
     torch.testing.assert_close(out, expected)
 
 
-def test_self_attention_over_tokens_is_refused() -> None:
+def test_self_attention_over_tokens_folded_into_the_batch_is_refused() -> None:
+    """Over a map's own tokens attention works (tests/test_sparse_attention.py); tokens folded into the batch by
+    a layer that does not say how (windows) cannot be told apart as sites."""
     x, active = _visible_map()
-    tokens = x.flatten(2).transpose(1, 2)
+    tokens = x.flatten(2).transpose(1, 2).reshape(2 * 16, 4, 3)
     with pytest.raises(NotImplementedError, match="scaled_dot_product_attention"):
         _in_mode(active, F.scaled_dot_product_attention, tokens, tokens, tokens)
 
@@ -264,3 +266,20 @@ def test_adaptive_average_pool_to_a_coarser_grid_averages_visible_sites() -> Non
     sums, counts = F.avg_pool2d(x, 2, divisor_override=1), F.avg_pool2d(visible, 2, divisor_override=1)
     expected = sums / counts.clamp_min(1) * upsample_mask(active, (4, 4))
     torch.testing.assert_close(_in_mode(active, lambda t: F.adaptive_avg_pool2d(t, 4), x), expected)
+
+
+def test_bilinear_upsampling_weighs_visible_sources_like_the_dense_op_on_the_visible_region() -> None:
+    """At the border of a visible rectangle, bilinear upsampling from visible sources only is the dense upsampling
+    of the rectangle alone (which clamps at its edge); masked sources, even holding garbage, weigh nothing."""
+    active = torch.tensor([[True, True], [False, False], [False, True], [False, True]]).view(2, 1, 2, 2)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    garbage = torch.where(upsample_mask(active, (4, 4)), x, 1e3)
+    out = _in_mode(active, lambda t: F.interpolate(t, scale_factor=2, mode="bilinear"), garbage)
+    for b, (rows, cols) in enumerate(((slice(0, 2), slice(0, 4)), (slice(0, 4), slice(2, 4)))):
+        expected = F.interpolate(x[b:b + 1, :, rows, cols], scale_factor=2, mode="bilinear")
+        fine = (slice(2 * rows.start, 2 * rows.stop), slice(2 * cols.start, 2 * cols.stop))
+        torch.testing.assert_close(out[b:b + 1, :, fine[0], fine[1]], expected)
+    assert torch.all(out[~upsample_mask(active, (8, 8)).expand_as(out)] == 0)
+    full = torch.ones_like(active)
+    torch.testing.assert_close(_in_mode(full, lambda t: F.interpolate(t, size=(8, 8), mode="bilinear"), x),
+                               F.interpolate(x, size=(8, 8), mode="bilinear"))
