@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.metadata
 import textwrap
 
 import pytest
@@ -164,9 +165,8 @@ def test_an_unreadable_result_is_named_not_taken_for_a_missing_run(tmp_path):
 def test_python_m_slurm_launches_and_the_stages_are_console_scripts(tmp_path):
     tool = run_tool("-m", "slurm", "--dry-run", "--root", str(tmp_path))
     assert tool.returncode == 0 and "sweep tiny: 7 experiments" in tool.stdout and tool.heavy == []
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert {"spark-pretrain", "spark-finetune", "spark-detect", "spark-sweep", "spark-results"} <= set(scripts)
-    for target in scripts.values():
-        module, name = target.split(":")
-        assert callable(getattr(importlib.import_module(module), name)), target
+    names = {"spark-pretrain", "spark-finetune", "spark-detect", "spark-sweep", "spark-results"}
+    scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts") if e.name in names}
+    assert set(scripts) == names, "installed console scripts (pyproject.toml [project.scripts], make setup)"
+    for entry in scripts.values():
+        assert callable(entry.load()), entry.value
