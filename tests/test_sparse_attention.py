@@ -8,8 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from encoder_properties import make_pair, pixel_mask, random_mask
-from test_gather import _max_error as max_error
+from encoder_properties import BRANCH_NOISE, make_pair, pixel_mask, random_mask
+from equivalence import assert_per_tensor_close
+from test_gather import FP64_RTOL
 from timm.layers.attention2d import Attention2d, MultiQueryAttention2d, MultiQueryAttentionV2
 from timm.layers.halo_attn import HaloAttn
 from torch import nn
@@ -150,25 +151,29 @@ def test_pooled_keys_average_and_normalise_visible_tokens() -> None:
     torch.testing.assert_close(bn.running_var, reference_bn.running_var)
 
 
-@pytest.mark.parametrize(("name", "kwargs"), [("efficientformerv2_s0", {"img_size": 128}), ("mobilevit_xxs", {})])
+@pytest.mark.parametrize(("name", "kwargs"), [("efficientformerv2_s0", {"img_size": 128}),
+                                              pytest.param("mobilevit_xxs", {}, marks=pytest.mark.slow)])
 def test_gather_backend_runs_hybrids_as_the_masked_one(name: str, kwargs: dict) -> None:
     """Talking heads convolve per-head logits (not maps) and folded tokens pass linear layers: the gather backend
     leaves both to the function mode and matches the masked backend in values and gradients."""
-    model, masked = make_pair(name, perturb=0.2, **kwargs)  # noisy layer scales: attention branches count
+    # float64 (as the convnets' gather test): in fp32 the gradients of biases right before a norm, which vanish
+    # analytically, are float noise of 1e-3 of their own scale in either backend
+    model, masked = make_pair(name, dtype=torch.float64, perturb=BRANCH_NOISE, **kwargs)  # noised layer scales
     gather = SparseEncoder(copy.deepcopy(model), backend="gather")
     active = random_mask(2, 4, keep=6, seed=1)
-    x = torch.randn(2, 3, 128, 128)
+    x = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     results = []
     for encoder in (masked, gather):
         feats = encoder(x, active)
-        probe = sum((f * torch.randn(f.shape, generator=torch.Generator().manual_seed(i))).sum()
+        probe = sum((f * torch.randn(f.shape, generator=torch.Generator().manual_seed(i)).to(f)).sum()
                     for i, f in enumerate(feats))
-        results.append((feats, torch.autograd.grad(probe, list(encoder.parameters()), allow_unused=True)))
+        names = [n for n, _ in encoder.named_parameters()]
+        grads = torch.autograd.grad(probe, [p for _, p in encoder.named_parameters()], allow_unused=True)
+        results.append((dict(enumerate(feats)), dict(zip(names, grads, strict=True))))
     (feats_m, grads_m), (feats_g, grads_g) = results
-    assert max_error(feats_g, feats_m) <= 1e-4
-    assert all(torch.count_nonzero(f * ~pixel_mask(active, f.shape[-1])) == 0 for f in feats_g)
-    pairs = [(g, m) for g, m in zip(grads_g, grads_m, strict=True) if m is not None]
-    assert max_error(*zip(*pairs)) <= 1e-4
+    assert_per_tensor_close(feats_g, feats_m, FP64_RTOL, what="feature map")
+    assert_per_tensor_close(grads_g, grads_m, FP64_RTOL, what="gradient")
+    assert all(torch.count_nonzero(f * ~pixel_mask(active, f.shape[-1])) == 0 for f in feats_g.values())
 
 
 def test_explicit_and_fused_attention_paths_agree() -> None:
