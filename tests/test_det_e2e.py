@@ -224,14 +224,13 @@ def test_training_data_errors_come_before_training(coco, tmp_path, capsys, case,
     assert not (out / "checkpoint-last.pth").exists()
 
 
-def test_images_per_batch_must_divide_by_the_ranks():
-    from downstream.det.train import _resolve, build_parser
-    from pretrain.runtime.distributed import DistEnv
-
-    args = build_parser().parse_intermixed_args([*TINY, "--weights", "none", "--out", "unused", "--amp", "none"])
-    with pytest.raises(UsageError, match="SOLVER.IMS_PER_BATCH 2 is not divisible by 3 ranks"):
-        _resolve(args, DistEnv(0, 3, 0, torch.device("cpu")))
-    assert _resolve(args, DistEnv(0, 2, 0, torch.device("cpu")))[0].SOLVER.IMS_PER_BATCH == 2
+def test_images_per_batch_must_divide_by_the_ranks(capsys):
+    """Resolved for the ranks it will run on (``--world-size``): 2 images per batch split over 2 ranks, not 3."""
+    argv = [*TINY, "--weights", "none", "--out", "unused", "--amp", "none", "--print-config"]
+    assert _exit_code(train_main, [*argv, "--world-size", "3"]) == 2
+    assert "SOLVER.IMS_PER_BATCH 2 is not divisible by 3 ranks" in capsys.readouterr().err
+    assert train_run([*argv, "--world-size", "2"]).status == "printed"
+    assert json.loads(capsys.readouterr().out)["detectron2"]["SOLVER"]["IMS_PER_BATCH"] == 2
 
 
 def _one_image(with_instances: bool) -> dict:

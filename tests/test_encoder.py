@@ -155,15 +155,27 @@ def test_deep_copy_masks_with_its_own_context() -> None:
 
 @pytest.mark.parametrize(("convert", "layer", "reason"), [
     (nn.SyncBatchNorm.convert_sync_batchnorm, "SyncBatchNorm", "this BatchNorm class has no sparse version"),
-    (lambda m: _replace(m, "layer1.1.act2", nn.BatchNorm1d(64)), "BatchNorm1d", "this BatchNorm class has no sparse"),
-    # issue 19 is giving the norms over all sites a sparse version: LocalResponseNorm may move to the working side
-    (lambda m: _replace(m, "layer1.1.act2", nn.LocalResponseNorm(3)), "LocalResponseNorm", "normalises over all sites"),
+    (lambda m: _replace(m, "layer1.1.bn2", _OwnBatchNorm(64)), "_OwnBatchNorm", "this BatchNorm class has no sparse"),
 ])
 def test_layers_without_a_sparse_version_are_refused(convert, layer, reason) -> None:
     model = convert(timm.create_model("resnet18", num_classes=0))
     with pytest.raises(NotImplementedError, match=f"layer .*\\({layer}\\) has no sparse version: .*{reason}") as info:
         SparseEncoder(model)
     assert "\n" not in str(info.value)
+
+
+class _OwnBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm2d subclass (runs densely on a map like its parent) that the sparse encoder cannot know."""
+
+
+def test_local_response_norm_mixes_channels_not_sites() -> None:
+    """LocalResponseNorm normalises each site over neighbouring channels: it runs as it is, dense at a full mask,
+    zero at masked sites, no leakage."""
+    reference = _replace(timm.create_model("resnet18", num_classes=0).double(), "layer1.1.act2",
+                         nn.LocalResponseNorm(3))
+    encoder = SparseEncoder(copy.deepcopy(reference))
+    check_full_mask_equals_dense(reference, encoder, train=True, size=64, batch=2, rtol=1e-8)
+    check_zeros_and_no_leakage(encoder, size=64, batch=2, keep=2)
 
 
 def _replace(model: nn.Module, path: str, layer: nn.Module) -> nn.Module:

@@ -114,9 +114,11 @@ def _cases() -> list:
 
 def test_the_family_table_has_the_models_and_families_the_readme_claims() -> None:
     models = [m for family in FAMILIES.values() for m in family]
-    claim = re.search(r"Tested on (\d+) timm models in (\d+) families", (REPO / "README.md").read_text())
+    claim = re.search(r"Tested on (\d+) timm convnets in (\d+) families and (\d+) hybrid\s+cases in (\d+) families",
+                      (REPO / "README.md").read_text())
     assert claim, "the README no longer states how many models and families are tested"
-    assert (len(models), len(FAMILIES)) == (int(claim[1]), int(claim[2]))
+    hybrids = [case for family in HYBRIDS.values() for case in family]
+    assert (len(models), len(FAMILIES), len(hybrids), len(HYBRIDS)) == tuple(int(n) for n in claim.groups())
     assert len(set(models)) == len(models)
 
 
