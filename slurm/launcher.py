@@ -55,12 +55,13 @@ from .sweep import (
     unfilled,
 )
 
-__all__ = ["Step", "build_parser", "main", "make_plan", "resolved_on_ranks", "unfilled_warnings"]
+__all__ = ["Step", "build_parser", "evaluation_sweep", "main", "make_plan", "resolved_on_ranks", "unfilled_warnings"]
 
 PROG = "python slurm/launch_all.py"
 TABLES = "tables"  # the default folder of the result tables under --root
 CLUSTERS = ("auto", "slurm", "local", "debug")
 TABLES_JOB = "sweep-tables"
+EVALUATE = ("evaluate", "evaluate-tiny")  # the templates of --weights: with --imagenet/--coco, and on the demo data
 LOGS = "logs"  # submitit's folder inside each run folder: <job id>_0_log.out/.err, the job pickles
 SHAPE_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": float, "timeout_min": int}
 CLUSTER_FLAGS = ("partition", "account", "qos", "constraint", "exclude")
@@ -404,6 +405,25 @@ def write_tables(root: str, tables: str) -> None:
         raise SuiteError(f"writing the result tables into {tables} failed")
 
 
+def evaluation_sweep(weights: str, model: str | None, name: str | None, values: dict[str, str]) -> Sweep:
+    """The evaluation template (``name``, default :data:`EVALUATE`'s by whether data paths were given) narrowed to
+    the checkpoint's architecture; fills ``values['weights']`` and ``values['model']`` (read from the file when
+    ``model`` is None). :class:`SuiteError` for a missing or unreadable file, :class:`UsageError` for an
+    architecture the template has no experiment for."""
+    path = os.path.abspath(weights)
+    if not os.path.exists(path):
+        raise SuiteError(f"--weights file not found: {weights}")
+    if not model:
+        from pretrain.weights import read_weights
+
+        model = read_weights(path).model_name
+    sweep = load_sweep(name or EVALUATE[0 if values else 1]).for_model(model)
+    if not any(e.stage != COMMAND for e in sweep.experiments.values()):
+        raise UsageError(f"sweep {sweep.name} has no experiment for architecture {model}")
+    values.update(weights=path, model=model)
+    return sweep
+
+
 def _stages(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if parts == ("all",):
@@ -439,6 +459,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--coco", help="COCO root with annotations/, train2017/, val2017/ (the sweeps' ${coco})")
     parser.add_argument("--path", action="append", default=[], metavar="KEY=DIR",
                         help="any other path a sweep needs (${KEY}); repeatable")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="evaluate this checkpoint: the downstream experiments of its architecture's table rows "
+                             "(slurm/sweeps/evaluate.yaml with --imagenet/--coco, else evaluate-tiny.yaml on the "
+                             "demo data); use one --root per checkpoint")
+    parser.add_argument("--model", metavar="NAME",
+                        help="with --weights: the checkpoint's timm architecture (default: read from the file)")
     parser.add_argument("--only", type=lambda t: tuple(x for x in t.split(",") if x), default=(), metavar="GLOBS",
                         help="launch only experiments whose names match these comma-separated globs")
     parser.add_argument("--extra-args", action="append", default=[], metavar="SELECTOR=ARGS",
@@ -480,7 +506,12 @@ def _launch(args: argparse.Namespace) -> int:
         shown = os.path.abspath(args.tables_out) if args.tables_out else state.tables_job.get("tables")
         print(render_status(state, rows, collect_states(state, rows), shown))
         return 0
-    sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
+    if args.weights:
+        sweep = evaluation_sweep(args.weights, args.model, args.sweep, values)
+    elif args.model:
+        raise UsageError("--model names the architecture of --weights FILE; give the file too")
+    else:
+        sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
     sweep = replace(sweep, experiments=apply_extra_args(sweep.experiments, args.extra_args))
     selected = sweep.select(args.stage, args.only)
     if not selected:
