@@ -324,14 +324,18 @@ def _entry(step: Step, cluster: str, job_id: str, sweep: str) -> dict[str, Any]:
             "logs": os.path.join(spec.out, LOGS), "argv": list(spec.argv), "creates": list(spec.creates)}
 
 
-def _tables_spec(root: str, tables: str) -> JobSpec:
-    return JobSpec(name=TABLES_JOB, stage=COMMAND, argv=("--root", root, "--out", tables),
-                   out=os.path.join(root, TABLES_JOB), module="results")
+def _tables_spec(root: str, tables: str, model: str | None = None) -> JobSpec:
+    """The job writing the result tables: the paper's (``python -m results``), or with ``model`` (a checkpoint
+    evaluation) that checkpoint's against the paper's row (``python -m results.evaluation``)."""
+    extra, module = (("--model", model), "results.evaluation") if model else ((), "results")
+    return JobSpec(name=TABLES_JOB, stage=COMMAND, argv=("--root", root, "--out", tables, *extra),
+                   out=os.path.join(root, TABLES_JOB), module=module)
 
 
 def submit_slurm(steps: Sequence[Step], state: SweepState, sweep: str, options: Mapping[str, str],
-                 resources: ResourceTable, tables: str | None) -> list[str]:
-    """Submit every ``submit`` step with ``afterok`` on its parents' jobs, then the tables job (``afterany``)."""
+                 resources: ResourceTable, tables: str | None, model: str | None = None) -> list[str]:
+    """Submit every ``submit`` step with ``afterok`` on its parents' jobs, then the tables job (``afterany``; with
+    ``model``, the table of a checkpoint evaluation)."""
     from .jobs import StageJob
 
     job_ids = {name: str(entry["job_id"]) for name, entry in state.experiments.items() if entry.get("job_id")}
@@ -347,7 +351,7 @@ def submit_slurm(steps: Sequence[Step], state: SweepState, sweep: str, options: 
         print(f"submitted {step.exp.name}: job {job.job_id}" + (f" (afterok {', '.join(after)})" if after else ""))
     waiting = [job_ids[s.exp.name] for s in steps if s.action == "submit" or s.state.active]
     if submitted and tables:
-        spec = _tables_spec(state.root, tables)
+        spec = _tables_spec(state.root, tables, model)
         job = _executor("slurm", spec, resources.get(COMMAND), options,
                         ["afterany:" + ":".join(waiting)]).submit(StageJob(spec))
         state.tables_job = {"job_id": str(job.job_id), "cluster": "slurm", "logs": os.path.join(spec.out, LOGS),
@@ -397,11 +401,13 @@ def wait_for(job_ids: Sequence[str], poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def write_tables(root: str, tables: str) -> None:
-    """Regenerate the result tables in this process (``python -m results``; no torch)."""
-    from results.__main__ import main as results_main
+def write_tables(root: str, tables: str, model: str | None = None) -> None:
+    """Regenerate the result tables in this process (``python -m results``, or ``results.evaluation`` for a
+    checkpoint evaluation of ``model``; no torch)."""
+    from results.__main__ import main as paper_tables
+    from results.evaluation import main as evaluation_table
 
-    if results_main(["--root", root, "--out", tables]) != 0:
+    if (evaluation_table if model else paper_tables)(list(_tables_spec(root, tables, model).argv)) != 0:
         raise SuiteError(f"writing the result tables into {tables} failed")
 
 
@@ -506,8 +512,10 @@ def _launch(args: argparse.Namespace) -> int:
         shown = os.path.abspath(args.tables_out) if args.tables_out else state.tables_job.get("tables")
         print(render_status(state, rows, collect_states(state, rows), shown))
         return 0
+    evaluated = None  # the architecture of a checkpoint evaluation (its own table)
     if args.weights:
         sweep = evaluation_sweep(args.weights, args.model, args.sweep, values)
+        evaluated = values["model"]
     elif args.model:
         raise UsageError("--model names the architecture of --weights FILE; give the file too")
     else:
@@ -534,12 +542,12 @@ def _launch(args: argparse.Namespace) -> int:
             if step.action != "submit":
                 print(f"{step.action} {step.exp.name}: {step.reason}")
         if cluster == "slurm":
-            waiting = submit_slurm(steps, state, sweep.name, options, resources, tables)
+            waiting = submit_slurm(steps, state, sweep.name, options, resources, tables, evaluated)
             failures = 0
         else:
             failures = run_serial(steps, state, sweep.name, cluster, options)
             if tables:
-                write_tables(root, tables)
+                write_tables(root, tables, evaluated)
                 state.tables_job = {"tables": tables}
                 state.save()
     if cluster == "slurm" and args.wait and waiting:

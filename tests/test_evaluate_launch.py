@@ -1,7 +1,7 @@
 """``python slurm/launch_all.py --stage cls,det --weights FILE``: one checkpoint through the downstream experiments
 of its architecture's table rows (``slurm/sweeps/evaluate.yaml`` with ``--imagenet/--coco``, ``evaluate-tiny.yaml``
-on the demo data), planned by the sweep machinery; dry runs for a ResNet-50 and a ConvNeXt checkpoint, and the
-one-line errors."""
+on the demo data), planned by the sweep machinery; dry runs for a ResNet-50 and a ConvNeXt checkpoint, the one-line
+errors, and the table of the checkpoint beside the paper's SparK row (``results/evaluation.yaml``)."""
 
 import re
 from pathlib import Path
@@ -11,6 +11,10 @@ import timm
 import torch
 
 from pretrain.checkpoint import encoder_payload
+from pretrain.runtime.result import write_result
+from results.evaluation import evaluation_specs
+from results.evaluation import main as evaluation_main
+from results.tables import collect_runs
 from slurm.launcher import main
 from slurm.sweep import SweepError, load_sweep
 
@@ -98,3 +102,29 @@ def test_an_experiment_needing_one_that_does_not_apply_is_refused(tmp_path):
     assert set(load_sweep(str(path)).for_model("resnet50").experiments) == {"a", "b"}
     with pytest.raises(SweepError, match="b applies to convnext_small but needs a"):
         load_sweep(str(path)).for_model("convnext_small")
+
+
+def _finished(root: Path, name: str, stage: str, model: str, **metrics: float) -> None:
+    write_result(str(root / name), stage, model, metrics, {}, {"weights": "x.pth", "data": "d"})
+
+
+def test_the_table_puts_the_checkpoint_beside_the_papers_row_of_its_architecture(tmp_path):
+    _finished(tmp_path, "eval-ft-table7", "cls", "resnet50", top1=80.1)
+    _finished(tmp_path, "eval-det-2x", "det", "resnet50", bbox_AP=43.0, segm_AP=39.0)
+    written = evaluation_main(["--root", str(tmp_path), "--model", "resnet50"])
+    assert written == 0
+    table = (tmp_path / "tables" / "evaluation.md").read_text()
+    assert "paper's SparK ResNet-50" in table and "ConvNeXt" not in table and "demo" not in table
+    row = next(line for line in table.splitlines() if line.startswith("| SparK ResNet-50"))
+    assert "| 80.1 (80.6; -0.5) | – (54.7) | – (41.6) | – (37.7) | 43.0 (43.4; -0.4) | 39.0 (39.4; -0.4) |" in row
+    assert not (tmp_path / "tables" / "table3.md").exists()  # only this checkpoint's table
+
+    _finished(tmp_path, "eval-ft", "cls", "resnet50", top1=40.0)  # a demo run under the same root
+    specs = evaluation_specs("convnext_base", collect_runs(tmp_path))
+    assert [s.id for s in specs] == ["evaluation-convnext-base", "evaluation-demo"]
+    assert [s.id for s in evaluation_specs("resnet18", {})] == ["evaluation-resnet"]  # no paper row: no numbers
+
+
+def test_an_architecture_without_a_table_is_one_line(tmp_path, capsys):
+    assert evaluation_main(["--root", str(tmp_path), "--model", "vit_tiny"]) == 1
+    assert "has no table for architecture vit_tiny" in capsys.readouterr().err
