@@ -68,11 +68,12 @@ def test_a_convnext_checkpoint_gets_table8_the_linear_probe_and_mask_rcnn_3x(che
 
 def test_without_data_paths_the_demo_template_runs_and_stage_selects(checkpoints, tmp_path, capsys):
     rows, out = _graph(capsys, "--stage", "det", "--weights", str(checkpoints["resnet18"]), "--root", str(tmp_path))
-    assert rows == {"eval-coco": ("command", "-"), "eval-det": ("det", "eval-coco")}  # its data step comes along
+    assert rows == {"demo-coco": ("command", "-"), "demo-det": ("det", "demo-coco")}  # its data step comes along
     assert "sweep evaluate-tiny:" in out and "--config tiny" in out and "MODEL.TIMM.NAME resnet18" in out
     rows, _ = _graph(capsys, "--stage", "cls", "--weights", str(checkpoints["resnet18"]), "--model", "resnet18",
                      "--root", str(tmp_path))
-    assert {"eval-ft", "eval-linear"} <= set(rows) and "eval-det" not in rows
+    assert rows == {"demo-images": ("command", "-"), "demo-ft": ("cls", "demo-images"),
+                    "demo-linear": ("cls", "demo-images")}
 
 
 @pytest.mark.parametrize(("argv", "code", "message"), [
@@ -119,7 +120,7 @@ def test_the_table_puts_the_checkpoint_beside_the_papers_row_of_its_architecture
     assert "| 80.1 (80.6; -0.5) | – (54.7) | – (41.6) | – (37.7) | 43.0 (43.4; -0.4) | 39.0 (39.4; -0.4) |" in row
     assert not (tmp_path / "tables" / "table3.md").exists()  # only this checkpoint's table
 
-    _finished(tmp_path, "eval-ft", "cls", "resnet50", top1=40.0)  # a demo run under the same root
+    _finished(tmp_path, "demo-ft", "cls", "resnet50", top1=40.0)  # a demo run under the same root
     specs = evaluation_specs("convnext_base", collect_runs(tmp_path))
     assert [s.id for s in specs] == ["evaluation-convnext-base", "evaluation-demo"]
     assert [s.id for s in evaluation_specs("resnet18", {})] == ["evaluation-resnet"]  # no paper row: no numbers
