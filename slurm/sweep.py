@@ -325,8 +325,10 @@ def run_folder(root: str, name: str) -> str:
 
 
 def needs_flag(key: str) -> str:
-    """The launcher flag that fills the sweep's ``${key}``: ``--imagenet DIR``, ``--coco DIR``, else
-    ``--path KEY=DIR``."""
+    """The launcher flag that fills the sweep's ``${key}``: ``--imagenet DIR``, ``--coco DIR``, ``--weights FILE``
+    (an evaluation template's ``${weights}`` and ``${model}``), else ``--path KEY=DIR``."""
+    if key in ("weights", "model"):
+        return "--weights FILE"
     return f"--{key} DIR" if key in ("imagenet", "coco") else f"--path {key}=DIR"
 
 
