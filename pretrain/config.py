@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("lamb", "adamw", "sgd")
+DENSIFY_PROJ_CHOICES = ("auto", "width", "published")  # auto: settled by the runner (pretrain.start_weights)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +51,16 @@ class PretrainConfig(TrainingRunConfig):
     hierarchy: bool = setting("decode from all four scales (false: coarsest only, table 5)")
     ape: bool = setting("add learnable absolute positional embeddings (table 5)")
     loss_on: str = setting("patches the loss covers (table 5)", choices=("masked", "all"))
+    densify_proj: str = setting("projections between densified maps and decoder of equal width: width (only where "
+                                "widths differ), published (at every scale but the coarsest, as the released "
+                                "*_spark_style.pth decoders), auto (the --init-weights file's, else width)", "auto",
+                                choices=DENSIFY_PROJ_CHOICES)
+    # --- start weights
+    init_weights: str = setting("start from these weights at epoch 0 with a fresh optimiser: any file the weights "
+                                "reader knows (encoder only, or with a SparK decoder); a run folder's checkpoint "
+                                "wins over it on --resume", "", aliases=("--weights",), metavar="FILE")
+    trust_weights: bool = setting("unpickle --init-weights fully even if it holds Python objects beyond tensors and "
+                                  "plain values (that can run code from the file: only for files you trust)", False)
     # --- data
     data: str = setting(f"training images (ImageNet layout or a flat folder); '{DEMO_DATA}': the embedded demo set "
                         "(the tiny preset's)", "")

@@ -1,7 +1,8 @@
 """One SparK pretraining run on this rank, built from the shared run machinery (:mod:`pretrain.runtime`).
 
-The run folder gets ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-last.pth``,
-``encoder_timm.pth`` and, when training completes, ``result.json``.
+A run starts from ``--init-weights`` where given (:mod:`pretrain.start_weights`). The run folder gets
+``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-last.pth``, ``encoder_timm.pth`` and, when
+training completes, ``result.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .runtime.signals import StopRequest
 from .runtime.stage import Outcome, find_resume_path, prepare_run
 from .runtime.training import TrainingJob, train
 from .spark import SparK, build_spark_from_config
+from .start_weights import load_start_weights, start_weights
 from .syncbn import sync_batchnorm
 from .task import SparKTask
 
@@ -47,10 +49,14 @@ def _data_path(cfg: PretrainConfig, env: DistEnv) -> str:
     return str(root / "train")
 
 
-def _build_model(cfg: PretrainConfig, env: DistEnv, channels_last: bool) -> tuple[SparK, list[str]]:
-    """The SparK model on the device (same initial weights on every rank) and its frozen unused parameters."""
+def _build_model(cfg: PretrainConfig, env: DistEnv, channels_last: bool, weights: Any = None
+                 ) -> tuple[SparK, list[str]]:
+    """The SparK model on the device (same initial weights on every rank, ``weights`` loaded where given) and its
+    frozen unused parameters."""
     seed_everything(cfg.seed)
     spark = build_spark_from_config(cfg.to_dict())
+    if weights is not None:
+        load_start_weights(spark, weights)
     spark.to(env.device).train()
     if channels_last:
         spark.to(memory_format=torch.channels_last)
@@ -93,9 +99,11 @@ def pretrain(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None)
     """
     precision = prepare_run(cfg, env.device)
     resume_from = find_resume_path(cfg.out, cfg.resume)
+    start = start_weights(cfg, resume_from)
+    cfg = start.cfg
     data = _data_path(cfg, env)
     dataset = build_pretrain_dataset(data, cfg.input_size, tuple(cfg.scale))
-    spark, frozen = _build_model(cfg, env, precision.channels_last)
+    spark, frozen = _build_model(cfg, env, precision.channels_last, start.weights)
     optimizer = build_optimizer(spark, cfg)
     sampler = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed,
                                  drop_last=True)
@@ -111,7 +119,8 @@ def pretrain(cfg: PretrainConfig, env: DistEnv, stop: StopRequest | None = None)
         return end.stopped
     state = end.state
     if env.is_main:
-        inputs = {"data": data, "num_images": len(dataset), "resumed_from": resume_from}
+        inputs = {"data": data, "num_images": len(dataset), "resumed_from": resume_from,
+                  "init_weights": cfg.init_weights or None}
         outputs = {"checkpoint": end.checkpoint, "encoder": join(cfg.out, ENCODER)}
         write_result(cfg.out, "pretrain", cfg.model, _metrics(state), record, inputs, outputs)
     return Outcome("completed", f"done: {state.epoch} epochs, {state.step} iterations; results in {cfg.out}", cfg.out)

@@ -266,8 +266,11 @@ def build_spark_from_config(config: Mapping[str, Any], **overrides: Any) -> Spar
     """The SparK model a pretraining config describes (``config['model']`` plus :data:`SPARK_CONFIG_KEYS`).
 
     ``overrides`` replace config values (e.g. ``masking='zero'`` for a benchmark, ``mask_ratio`` for figures).
+    A ``densify_proj`` of ``auto`` (no start weights settled it) is ``width``.
     """
     kwargs = {key: config[key] for key in SPARK_CONFIG_KEYS if key in config}
+    if kwargs.get("densify_proj") == "auto":
+        kwargs["densify_proj"] = "width"
     drop_path = next((config[key] for key in DROP_PATH_KEYS if key in config), None)
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path

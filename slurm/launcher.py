@@ -55,12 +55,13 @@ from .sweep import (
     unfilled,
 )
 
-__all__ = ["Step", "build_parser", "main", "make_plan", "resolved_on_ranks", "unfilled_warnings"]
+__all__ = ["Step", "build_parser", "evaluation_sweep", "main", "make_plan", "resolved_on_ranks", "unfilled_warnings"]
 
 PROG = "python slurm/launch_all.py"
 TABLES = "tables"  # the default folder of the result tables under --root
 CLUSTERS = ("auto", "slurm", "local", "debug")
 TABLES_JOB = "sweep-tables"
+EVALUATE = ("evaluate", "evaluate-tiny")  # the templates of --weights: with --imagenet/--coco, and on the demo data
 LOGS = "logs"  # submitit's folder inside each run folder: <job id>_0_log.out/.err, the job pickles
 SHAPE_FLAGS = {"nodes": int, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": float, "timeout_min": int}
 CLUSTER_FLAGS = ("partition", "account", "qos", "constraint", "exclude")
@@ -323,14 +324,18 @@ def _entry(step: Step, cluster: str, job_id: str, sweep: str) -> dict[str, Any]:
             "logs": os.path.join(spec.out, LOGS), "argv": list(spec.argv), "creates": list(spec.creates)}
 
 
-def _tables_spec(root: str, tables: str) -> JobSpec:
-    return JobSpec(name=TABLES_JOB, stage=COMMAND, argv=("--root", root, "--out", tables),
-                   out=os.path.join(root, TABLES_JOB), module="results")
+def _tables_spec(root: str, tables: str, model: str | None = None) -> JobSpec:
+    """The job writing the result tables: the paper's (``python -m results``), or with ``model`` (a checkpoint
+    evaluation) that checkpoint's against the paper's row (``python -m results.evaluation``)."""
+    extra, module = (("--model", model), "results.evaluation") if model else ((), "results")
+    return JobSpec(name=TABLES_JOB, stage=COMMAND, argv=("--root", root, "--out", tables, *extra),
+                   out=os.path.join(root, TABLES_JOB), module=module)
 
 
 def submit_slurm(steps: Sequence[Step], state: SweepState, sweep: str, options: Mapping[str, str],
-                 resources: ResourceTable, tables: str | None) -> list[str]:
-    """Submit every ``submit`` step with ``afterok`` on its parents' jobs, then the tables job (``afterany``)."""
+                 resources: ResourceTable, tables: str | None, model: str | None = None) -> list[str]:
+    """Submit every ``submit`` step with ``afterok`` on its parents' jobs, then the tables job (``afterany``; with
+    ``model``, the table of a checkpoint evaluation)."""
     from .jobs import StageJob
 
     job_ids = {name: str(entry["job_id"]) for name, entry in state.experiments.items() if entry.get("job_id")}
@@ -346,7 +351,7 @@ def submit_slurm(steps: Sequence[Step], state: SweepState, sweep: str, options: 
         print(f"submitted {step.exp.name}: job {job.job_id}" + (f" (afterok {', '.join(after)})" if after else ""))
     waiting = [job_ids[s.exp.name] for s in steps if s.action == "submit" or s.state.active]
     if submitted and tables:
-        spec = _tables_spec(state.root, tables)
+        spec = _tables_spec(state.root, tables, model)
         job = _executor("slurm", spec, resources.get(COMMAND), options,
                         ["afterany:" + ":".join(waiting)]).submit(StageJob(spec))
         state.tables_job = {"job_id": str(job.job_id), "cluster": "slurm", "logs": os.path.join(spec.out, LOGS),
@@ -396,12 +401,33 @@ def wait_for(job_ids: Sequence[str], poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def write_tables(root: str, tables: str) -> None:
-    """Regenerate the result tables in this process (``python -m results``; no torch)."""
-    from results.__main__ import main as results_main
+def write_tables(root: str, tables: str, model: str | None = None) -> None:
+    """Regenerate the result tables in this process (``python -m results``, or ``results.evaluation`` for a
+    checkpoint evaluation of ``model``; no torch)."""
+    from results.__main__ import main as paper_tables
+    from results.evaluation import main as evaluation_table
 
-    if results_main(["--root", root, "--out", tables]) != 0:
+    if (evaluation_table if model else paper_tables)(list(_tables_spec(root, tables, model).argv)) != 0:
         raise SuiteError(f"writing the result tables into {tables} failed")
+
+
+def evaluation_sweep(weights: str, model: str | None, name: str | None, values: dict[str, str]) -> Sweep:
+    """The evaluation template (``name``, default :data:`EVALUATE`'s by whether data paths were given) narrowed to
+    the checkpoint's architecture; fills ``values['weights']`` and ``values['model']`` (read from the file when
+    ``model`` is None). :class:`SuiteError` for a missing or unreadable file, :class:`UsageError` for an
+    architecture the template has no experiment for."""
+    path = os.path.abspath(weights)
+    if not os.path.exists(path):
+        raise SuiteError(f"--weights file not found: {weights}")
+    if not model:
+        from pretrain.weights import read_weights
+
+        model = read_weights(path).model_name
+    sweep = load_sweep(name or EVALUATE[0 if values else 1]).for_model(model)
+    if not any(e.stage != COMMAND for e in sweep.experiments.values()):
+        raise UsageError(f"sweep {sweep.name} has no experiment for architecture {model}")
+    values.update(weights=path, model=model)
+    return sweep
 
 
 def _stages(text: str) -> tuple[str, ...]:
@@ -439,6 +465,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--coco", help="COCO root with annotations/, train2017/, val2017/ (the sweeps' ${coco})")
     parser.add_argument("--path", action="append", default=[], metavar="KEY=DIR",
                         help="any other path a sweep needs (${KEY}); repeatable")
+    parser.add_argument("--weights", metavar="FILE",
+                        help="evaluate this checkpoint: the downstream experiments of its architecture's table rows "
+                             "(slurm/sweeps/evaluate.yaml with --imagenet/--coco, else evaluate-tiny.yaml on the "
+                             "demo data); use one --root per checkpoint")
+    parser.add_argument("--model", metavar="NAME",
+                        help="with --weights: the checkpoint's timm architecture (default: read from the file)")
     parser.add_argument("--only", type=lambda t: tuple(x for x in t.split(",") if x), default=(), metavar="GLOBS",
                         help="launch only experiments whose names match these comma-separated globs")
     parser.add_argument("--extra-args", action="append", default=[], metavar="SELECTOR=ARGS",
@@ -480,7 +512,14 @@ def _launch(args: argparse.Namespace) -> int:
         shown = os.path.abspath(args.tables_out) if args.tables_out else state.tables_job.get("tables")
         print(render_status(state, rows, collect_states(state, rows), shown))
         return 0
-    sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
+    evaluated = None  # the architecture of a checkpoint evaluation (its own table)
+    if args.weights:
+        sweep = evaluation_sweep(args.weights, args.model, args.sweep, values)
+        evaluated = values["model"]
+    elif args.model:
+        raise UsageError("--model names the architecture of --weights FILE; give the file too")
+    else:
+        sweep = load_sweep(args.sweep or ("paper" if values else "tiny"))
     sweep = replace(sweep, experiments=apply_extra_args(sweep.experiments, args.extra_args))
     selected = sweep.select(args.stage, args.only)
     if not selected:
@@ -503,12 +542,12 @@ def _launch(args: argparse.Namespace) -> int:
             if step.action != "submit":
                 print(f"{step.action} {step.exp.name}: {step.reason}")
         if cluster == "slurm":
-            waiting = submit_slurm(steps, state, sweep.name, options, resources, tables)
+            waiting = submit_slurm(steps, state, sweep.name, options, resources, tables, evaluated)
             failures = 0
         else:
             failures = run_serial(steps, state, sweep.name, cluster, options)
             if tables:
-                write_tables(root, tables)
+                write_tables(root, tables, evaluated)
                 state.tables_job = {"tables": tables}
                 state.save()
     if cluster == "slurm" and args.wait and waiting:

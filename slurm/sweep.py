@@ -17,6 +17,7 @@ A sweep file (``slurm/sweeps/<name>.yaml``, or any path given to ``--sweep``)::
         module: downstream.convert
         args: "detectron2 ${run:r50-spark-pt}/encoder_timm.pth ${out}/backbone.pkl"
         creates: ["${out}/backbone.pkl"]         # done when these exist
+        models: ["resnet50"]                     # optional: the architectures (globs) it applies to
 
 Placeholders: ``${out}`` (this experiment's run folder), ``${run:NAME}`` (another experiment's run folder, which
 makes NAME a dependency: SLURM ``afterok``), ``${root}``, and the sweep's ``needs``.
@@ -59,7 +60,7 @@ STAGES = ("pretrain", "cls", "det")  # stages whose ``run(argv)`` a job calls in
 COMMAND = "command"  # a ``python -m MODULE ARGS`` step run as a subprocess
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 PLACEHOLDER = re.compile(r"\$\{([a-z_]+)(?::([^}]+))?\}")
-EXPERIMENT_KEYS = {"name", "stage", "args", "module", "creates", "tables", "resources", "after", "note"}
+EXPERIMENT_KEYS = {"name", "stage", "args", "module", "creates", "tables", "resources", "after", "note", "models"}
 SWEEP_KEYS = {"description", "needs", "defaults", "resources", "subsets", "experiments"}
 
 
@@ -80,6 +81,7 @@ class Experiment:
     resources: str = ""  # the resource kind (resources.yaml); empty: the stage's own
     after: tuple[str, ...] = ()  # every experiment this one waits for (explicit and from ${run:NAME})
     note: str = ""
+    models: tuple[str, ...] = ()  # globs of the timm architectures it applies to (empty: any; Sweep.for_model)
 
     @property
     def kind(self) -> str:
@@ -142,6 +144,18 @@ class Sweep:
         for name in list(chosen):
             chosen |= {p for p in self.ancestors(name) if self.experiments[p].stage == COMMAND}
         return self.order(chosen)
+
+    def for_model(self, model: str) -> Sweep:
+        """The experiments that apply to the timm architecture ``model`` (their ``models`` globs match it, or they
+        name none). :class:`SweepError` if one of them depends on an experiment that does not apply."""
+        kept = {n: e for n, e in self.experiments.items()
+                if not e.models or any(fnmatch.fnmatchcase(model, g) for g in e.models)}
+        for exp in kept.values():
+            lost = [p for p in exp.after if p not in kept]
+            if lost:
+                raise SweepError(f"{self.path}: experiment {exp.name} applies to {model} but needs "
+                                 f"{', '.join(lost)}, which does not")
+        return replace(self, experiments=kept)
 
     def subset(self, subset: str) -> Sweep:
         """The experiments tagged with the subset's tables, plus everything they depend on."""
@@ -207,7 +221,8 @@ def _experiment(raw: Any, index: int, defaults: Mapping[str, tuple[str, ...]], p
     after += [n for n in _references(args + creates) if n not in after]
     return Experiment(name=name, stage=stage, args=args, module=module, creates=creates,
                       tables=_strings(raw.get("tables"), where, "tables"), resources=str(raw.get("resources", "")),
-                      after=tuple(after), note=str(raw.get("note", "")))
+                      after=tuple(after), note=str(raw.get("note", "")),
+                      models=_strings(raw.get("models"), where, "models"))
 
 
 def _check_graph(experiments: Mapping[str, Experiment], path: str) -> None:
@@ -310,8 +325,10 @@ def run_folder(root: str, name: str) -> str:
 
 
 def needs_flag(key: str) -> str:
-    """The launcher flag that fills the sweep's ``${key}``: ``--imagenet DIR``, ``--coco DIR``, else
-    ``--path KEY=DIR``."""
+    """The launcher flag that fills the sweep's ``${key}``: ``--imagenet DIR``, ``--coco DIR``, ``--weights FILE``
+    (an evaluation template's ``${weights}`` and ``${model}``), else ``--path KEY=DIR``."""
+    if key in ("weights", "model"):
+        return "--weights FILE"
     return f"--{key} DIR" if key in ("imagenet", "coco") else f"--path {key}=DIR"
 
 

@@ -1,5 +1,6 @@
 """``python -m downstream.cls``: recipes, errors, a pretrain -> convert -> fine-tune -> evaluate chain, linear
-probing, and exact resumption after SIGKILL and SIGTERM.
+probing, exact resumption after SIGKILL and SIGTERM, and ``model_best.pth`` (timm's checkpoint layout, read by timm's
+``load_checkpoint`` and by detection).
 
 Real timm, real files: a 3-class generated image set at 64 px (24 train / 12 val images), the session's tiny SparK
 pretraining of a ResNet-18 (``spark_run`` in conftest.py), fine-tuned for 2 epochs of 6 steps.
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,15 @@ from timm.data import create_transform
 from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 
 from downstream.cls.__main__ import main, run
+from downstream.cls.best import BEST, BestWeightsHook
 from downstream.cls.config import resolve_config
 from downstream.convert.__main__ import main as convert_main
 from pretrain.data import make_demo_dataset
 from pretrain.info import model_info
+from pretrain.runtime.distributed import DistEnv
 from pretrain.runtime.result import read_metrics
 from pretrain.runtime.signals import StopRequest
+from pretrain.weights import read_weights
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS, STEPS = 2, 6  # 24 train images in batches of 4
@@ -436,6 +441,75 @@ def test_complete_run_outputs_and_accuracy_from_real_predictions(reference, data
     assert steps[0]["lr"] < steps[STEPS]["lr"]  # warm-up over the first epoch
 
 
+def test_model_best_holds_the_weights_behind_the_reported_top1(reference, data):
+    path = reference / BEST
+    best = torch.load(path, map_location="cpu", weights_only=True)
+    result = json.loads((reference / "result.json").read_text())
+    metrics = result["metrics"]
+    assert result["outputs"]["best"] == str(path)
+    assert (best["arch"], best["epoch"], best["metric"], best["top5"], best["weights"]) == (
+        "resnet18", metrics["best_epoch"], metrics["top1"], metrics["top5"], metrics["best_weights"])
+    pairs = _val_predictions(data, best["state_dict"], 3)
+    assert 100 * sum(p == t for p, t in pairs) / len(pairs) == pytest.approx(best["metric"])
+    model = timm.create_model("resnet18", num_classes=3)
+    timm.models.load_checkpoint(model, str(path))  # strict, as timm's train.py --initial-checkpoint
+    _assert_same_state(model.state_dict(), best["state_dict"])
+    weights = read_weights(path)
+    assert (weights.layout, weights.model_name) == ("timm-checkpoint", "resnet18")
+
+
+class _Trainer:
+    """What BestWeightsHook reads of the loop's trainer: the state (epoch, curve) and the rank."""
+
+    def __init__(self) -> None:
+        self.state, self.env = types.SimpleNamespace(epoch=0, extra={"curve": []}), DistEnv()
+
+    def evaluated(self, epoch: int, top1: float, weights: str) -> None:
+        self.state.epoch = epoch
+        self.state.extra["curve"].append({"epoch": epoch, "top1": top1, "top5": 100.0, "weights": weights})
+
+
+def test_model_best_follows_the_winning_weights_and_only_strictly_better_evaluations(tmp_path):
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    hook = BestWeightsHook(str(tmp_path), "resnet18", lambda: [("model", model), ("ema0.99", ema)], {"seed": 0})
+    trainer = _Trainer()
+
+    def saved() -> dict:
+        return torch.load(tmp_path / BEST, weights_only=True)
+
+    trainer.evaluated(1, 50.0, "ema0.99")
+    hook.after_epoch(trainer)
+    assert (saved()["epoch"], saved()["weights"], saved()["args"]) == (1, "ema0.99", {"seed": 0})
+    assert torch.equal(saved()["state_dict"]["weight"], ema.weight)  # the EMA that won, not the model
+    for epoch, top1 in ((2, 40.0), (3, 50.0)):  # lower, then a tie: the earlier best stays
+        trainer.evaluated(epoch, top1, "model")
+        hook.after_epoch(trainer)
+        assert saved()["epoch"] == 1
+    trainer.state.epoch = 4  # an epoch without evaluation
+    hook.after_epoch(trainer)
+    assert saved()["epoch"] == 1
+    trainer.evaluated(5, 60.0, "model")
+    hook.after_epoch(trainer)
+    assert (saved()["epoch"], saved()["metric"]) == (5, 60.0)
+    assert torch.equal(saved()["state_dict"]["weight"], model.weight)
+
+
+def test_detection_starts_from_model_best(reference, tmp_path, caplog):
+    from downstream.det.data import DetDemoSpec, make_det_demo
+    from downstream.det.train import run as det_run
+
+    coco = make_det_demo(tmp_path / "coco", DetDemoSpec(2, 1, 64))
+    caplog.set_level("INFO")
+    outcome = det_run(["--config", "tiny", "--weights", str(reference / BEST), "--out", str(tmp_path / "det"),
+                       "--coco-root", str(coco), "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+                       "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "SOLVER.IMS_PER_BATCH", "2",
+                       "SOLVER.MAX_ITER", "1", "SOLVER.STEPS", "()", "SOLVER.WARMUP_ITERS", "0"])
+    assert outcome.status == "completed"
+    loaded = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
+    assert str(reference / BEST) in loaded and "timm-checkpoint" in loaded
+
+
 def test_eval_only_reproduces_the_final_numbers(reference, data, tmp_path):
     out = tmp_path / "eval"
     outcome = run([*FT, "--data", str(data), "--weights", str(reference / "checkpoint-last.pth"), "--out", str(out),
@@ -496,6 +570,10 @@ def test_stop_request_saves_returns_stopped_and_resumes_exactly(reference, data,
 
 def _assert_resumed_like(out: Path, reference: Path) -> None:
     resumed, uninterrupted = _checkpoint(out), _checkpoint(reference)
+    best, reference_best = (torch.load(folder / BEST, weights_only=True) for folder in (out, reference))
+    assert (best["epoch"], best["weights"], best["metric"]) == (reference_best["epoch"], reference_best["weights"],
+                                                                reference_best["metric"])
+    _assert_same_state(best["state_dict"], reference_best["state_dict"])
     _assert_same_state(resumed["model"], uninterrupted["model"])
     _assert_same_state(resumed["ema"]["ema0.99"], uninterrupted["ema"]["ema0.99"])
     expected = json.loads((reference / "result.json").read_text())["metrics"]

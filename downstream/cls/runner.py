@@ -1,8 +1,9 @@
 """One fine-tuning (or linear-probing) run on this rank, built on the shared run machinery (:mod:`pretrain.runtime`).
 
 The run folder gets ``config.json``, ``metrics.jsonl``, ``tensorboard/``, ``checkpoint-last.pth`` (model,
-optimiser, every weight EMA, position, RNG states, evaluation curve) and, when training completes,
-``result.json``. ``--eval-only`` evaluates given weights and writes ``config.json`` and ``result.json`` only.
+optimiser, every weight EMA, position, RNG states, evaluation curve), ``model_best.pth`` (the weights behind the
+best top-1, timm's checkpoint layout: :mod:`downstream.cls.best`) and, when training completes, ``result.json``.
+``--eval-only`` evaluates given weights and writes ``config.json`` and ``result.json`` only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.stage import Outcome, find_resume_path, prepare_run
 from pretrain.runtime.training import TrainingJob, train
 
+from .best import BEST, BestWeightsHook
 from .config import ClsConfig
 from .data import ClsData, build_data, eval_loader, train_sampler
 from .evaluate import EmaHook, EvalHook, curve_entry, evaluate_all, summarise
@@ -165,8 +167,13 @@ def finetune(cfg: ClsConfig, env: DistEnv, stop: StopRequest | None = None) -> O
         model = synchronise_batchnorm(model, env)
     optimizer = build_optimizer(model, cfg)
     mixup = build_mixup(cfg, num_classes)
-    evaluation = EvalHook(lambda: [("model", model), *emas], eval_loader(data.val, cfg, env), cfg.eval_every,
-                          cfg.epochs, lambda: set_train_mode(model, cfg.protocol))
+
+    def evaluated() -> list[tuple[str, nn.Module]]:
+        return [("model", model), *emas]
+
+    evaluation = EvalHook(evaluated, eval_loader(data.val, cfg, env), cfg.eval_every, cfg.epochs,
+                          lambda: set_train_mode(model, cfg.protocol))
+    record = run_record(cfg, precision=precision.to_dict(), num_classes=num_classes)
     job = TrainingJob(
         ClsTask(wrap_ddp(model, env), build_criterion(cfg, mixup is not None), mixup), optimizer,
         loop.EpochData(data.train, train_sampler(data.train, cfg, env), cfg.batch_size, cfg.workers, cfg.seed,
@@ -174,18 +181,18 @@ def finetune(cfg: ClsConfig, env: DistEnv, stop: StopRequest | None = None) -> O
         {"model": model, "optimizer": optimizer, "ema": emas}, COMPAT_KEYS,
         "fine-tuning checkpoint of python -m downstream.cls",
         step_hooks=[TrainModeHook(model, cfg.protocol), EmaHook(lambda: emas.update(model))],
-        epoch_hooks=[evaluation], extra=lambda state: {STAGE_KEY: "cls", "classes": list(data.classes)},
+        epoch_hooks=[evaluation, BestWeightsHook(cfg.out, cfg.model, evaluated, record)],
+        extra=lambda state: {STAGE_KEY: "cls", "classes": list(data.classes)},
         summary=f"{cfg.protocol}, {num_classes} classes, {len(data.train)} train / {len(data.val)} val images, "
                 f"EMAs {list(cfg.ema_decays) or 'none'}")
-    record = run_record(cfg, precision=precision.to_dict(), num_classes=num_classes)
     end = train(cfg, env, stop or StopRequest(), precision, job, record, resume_from)
     if end.stopped:
         return end.stopped
     state = end.state
     if env.is_main:
         inputs = {"resumed_from": resume_from, "num_train": len(data.train), "classes": list(data.classes)}
-        _write_outcome(cfg, data, state.extra["curve"], _train_metrics(state), inputs, {"checkpoint": end.checkpoint},
-                       record)
+        outputs = {"checkpoint": end.checkpoint, "best": join(cfg.out, BEST)}
+        _write_outcome(cfg, data, state.extra["curve"], _train_metrics(state), inputs, outputs, record)
     best = summarise(state.extra["curve"])
     return Outcome("completed", f"done: {state.epoch} epochs, best top-1 {best['top1']:.2f} ({best['best_weights']}, "
                                 f"epoch {best['best_epoch']}); results in {cfg.out}", cfg.out)

@@ -72,7 +72,8 @@ def setting(help_text: str, default: Any = dataclasses.MISSING, choices: Sequenc
     """A dataclass field with its command-line help, ``choices`` and flag shape (``nargs``, ``metavar``).
 
     ``derived=True`` marks a value the stage computes (not settable); ``internal=True`` one set by the runner;
-    ``positional=True`` a field given as trailing command-line words (Detectron2's ``KEY VALUE`` pairs).
+    ``positional=True`` a field given as trailing command-line words (Detectron2's ``KEY VALUE`` pairs);
+    ``aliases=("--other",)`` more flags for the same field.
     """
     meta = {"help": help_text, "choices": tuple(choices) if choices else None, **meta}
     if isinstance(default, (list, dict)):
@@ -455,7 +456,7 @@ class ConfigSchema(Generic[C]):
             if f.metadata.get("positional"):
                 group.add_argument(f.name, **{**kwargs, "nargs": "*"})
             else:
-                group.add_argument(_flag(f.name), dest=f.name, **kwargs)
+                group.add_argument(_flag(f.name), *f.metadata.get("aliases", ()), dest=f.name, **kwargs)
 
     def to_argv(self, overrides: Mapping[str, Any]) -> list[str]:
         """Command-line arguments that reproduce ``overrides`` (for launchers)."""
