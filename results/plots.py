@@ -68,7 +68,7 @@ def plot_seeded_tables(specs: Sequence[TableSpec], runs: Mapping[str, RunResult]
             bars = axes.bar(x, means, width, yerr=stds, capsize=3, label=row.label)
             axes.bar_label(bars, labels=[f"n={cells[i].n}" for i, _ in columns], fontsize=7)
         axes.set_xticks(range(len(columns)), [c.label for _, c in columns])
-        axes.set(title=spec.title if len(spec.title) < 70 else spec.title[:67] + "...", ylabel="mean ± std")
+        axes.set(title=f"{spec.file}.md: mean ± sample std over seeds (n: finished runs)", ylabel="mean ± std")
         axes.grid(True, axis="y", alpha=0.3)
         axes.legend(fontsize=7, loc="best")
         path = os.path.join(out, spec.file + ".png")
