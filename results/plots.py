@@ -8,7 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from pretrain.runtime.result import RunResult, read_metrics
 
-__all__ = ["finetune_curve", "loss_curve", "plot_curves"]
+from .tables import TableSpec, fill, has_seeds
+
+__all__ = ["finetune_curve", "loss_curve", "plot_curves", "plot_seeded_tables"]
 
 Curve = tuple[list[float], list[float]]
 
@@ -32,12 +34,53 @@ def finetune_curve(result: RunResult) -> Curve:
     return [float(p["epoch"]) for p in points], [float(p["top1"]) for p in points]
 
 
-def _plot(curves: Mapping[str, Curve], path: str, title: str, ylabel: str, log_y: bool) -> None:
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _save(plt, figure, path: str) -> None:
+    figure.tight_layout()
+    figure.savefig(path, format="png", metadata={"Software": None})
+    plt.close(figure)
+
+
+def plot_seeded_tables(specs: Sequence[TableSpec], runs: Mapping[str, RunResult], out: str) -> Sequence[str]:
+    """``FILE.png`` for each table whose rows average seeds: per column, one bar per row at the mean with the
+    sample std as error bar and the count under it (difference rows and columns left out); returns the paths."""
+    written = []
+    for spec in specs:
+        if not has_seeds(spec):
+            continue
+        rows = [(row, cells) for row, cells in zip(spec.rows, fill(spec, runs)) if not row.diff]
+        columns = [(i, c) for i, c in enumerate(spec.columns) if not c.diff]
+        plt = _figure()
+        figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=100)
+        width = 0.8 / max(len(rows), 1)
+        for r, (row, cells) in enumerate(rows):
+            x = [k + (r - (len(rows) - 1) / 2) * width for k in range(len(columns))]
+            means = [cells[i].value if cells[i].value is not None else 0.0 for i, _ in columns]
+            stds = [cells[i].std or 0.0 for i, _ in columns]
+            bars = axes.bar(x, means, width, yerr=stds, capsize=3, label=row.label)
+            axes.bar_label(bars, labels=[f"n={cells[i].n}" for i, _ in columns], fontsize=7)
+        axes.set_xticks(range(len(columns)), [c.label for _, c in columns])
+        axes.set(title=f"{spec.file}.md: mean ± sample std over seeds (n: finished runs)", ylabel="mean ± std")
+        axes.grid(True, axis="y", alpha=0.3)
+        axes.legend(fontsize=7, loc="best")
+        path = os.path.join(out, spec.file + ".png")
+        _save(plt, figure, path)
+        written.append(path)
+    return written
+
+
+def _plot(curves: Mapping[str, Curve], path: str, title: str, ylabel: str, log_y: bool) -> None:
     from matplotlib.ticker import MaxNLocator
+
+    plt = _figure()
 
     figure, axes = plt.subplots(figsize=(7.5, 4.5), dpi=100)
     for label in sorted(curves):
@@ -50,9 +93,7 @@ def _plot(curves: Mapping[str, Curve], path: str, title: str, ylabel: str, log_y
         axes.set_yscale("log")
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    figure.savefig(path, format="png", metadata={"Software": None})
-    plt.close(figure)
+    _save(plt, figure, path)
 
 
 def plot_curves(runs: Mapping[str, RunResult], root: str, out: str) -> Sequence[str]:

@@ -4,6 +4,10 @@ A sweep file (``slurm/sweeps/<name>.yaml``, or any path given to ``--sweep``)::
 
     description: what the sweep reproduces
     needs: {imagenet: "ImageNet root with train/ and val/"}      # paths the user gives (--imagenet DIR)
+    # a need with a default: --path sup=FILE replaces it, else the default (which may name a run) fills it
+    #   needs: {sup: {about: "supervised weights", default: "${run:r50-sup-cls}/model_best.pth"}}
+    #   experiments: - {name: sup-file, stage: command, module: slurm.require, args: "${sup}", creates: ["${sup}"],
+    #                   after: [r50-sup-cls]}     # done as soon as the file exists: the user's, or the run's
     defaults: {pretrain: "--preset paper --data ${imagenet}/train"}  # flags put before every stage's own
     resources: {pretrain: {nodes: 4}}                             # this sweep's changes to resources.yaml
     subsets: {table3: {tables: [3], description: ...}}            # named selections by table tag
@@ -12,6 +16,7 @@ A sweep file (``slurm/sweeps/<name>.yaml``, or any path given to ``--sweep``)::
         stage: pretrain                          # pretrain | cls | det | command
         tables: [3, 4]                           # the paper tables it feeds (dry-run shows them)
         args: "--model resnet50"                 # the stage's own flags (python -m pretrain --help)
+        seeds: [0, 1, 2]                         # optional: one run per seed, NAME-s0..., each with --seed N
       - name: r50-spark-d2
         stage: command                           # a plain ``python -m MODULE ARGS`` step (data, converters)
         module: downstream.convert
@@ -20,7 +25,11 @@ A sweep file (``slurm/sweeps/<name>.yaml``, or any path given to ``--sweep``)::
         models: ["resnet50"]                     # optional: the architectures (globs) it applies to
 
 Placeholders: ``${out}`` (this experiment's run folder), ``${run:NAME}`` (another experiment's run folder, which
-makes NAME a dependency: SLURM ``afterok``), ``${root}``, and the sweep's ``needs``.
+makes NAME a dependency: SLURM ``afterok``), ``${root}``, and the sweep's ``needs``. A need with a ``default``
+is filled by the default when its flag is not given; the ``${run:NAME}`` of a default is not a dependency by
+itself (the user's file needs no run): an experiment using the need waits for NAME through ``after`` (directly or
+through a step that ``creates`` the need's file and so counts as done when the user's file exists), which
+loading checks.
 Nothing here imports torch.
 """
 
@@ -59,8 +68,9 @@ SWEEPS_DIR = Path(__file__).resolve().parent / "sweeps"
 STAGES = ("pretrain", "cls", "det")  # stages whose ``run(argv)`` a job calls in-process
 COMMAND = "command"  # a ``python -m MODULE ARGS`` step run as a subprocess
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-PLACEHOLDER = re.compile(r"\$\{([a-z_]+)(?::([^}]+))?\}")
-EXPERIMENT_KEYS = {"name", "stage", "args", "module", "creates", "tables", "resources", "after", "note", "models"}
+PLACEHOLDER = re.compile(r"\$\{([a-z_][a-z0-9_]*)(?::([^}]+))?\}")
+EXPERIMENT_KEYS = {"name", "stage", "args", "module", "creates", "tables", "resources", "after", "note", "models",
+                   "seeds"}
 SWEEP_KEYS = {"description", "needs", "defaults", "resources", "subsets", "experiments"}
 
 
@@ -82,6 +92,7 @@ class Experiment:
     after: tuple[str, ...] = ()  # every experiment this one waits for (explicit and from ${run:NAME})
     note: str = ""
     models: tuple[str, ...] = ()  # globs of the timm architectures it applies to (empty: any; Sweep.for_model)
+    fallbacks: tuple[tuple[str, str], ...] = ()  # (need, default text) of the defaulted needs its tokens use
 
     @property
     def kind(self) -> str:
@@ -198,7 +209,8 @@ def _references(tokens: Iterable[str]) -> list[str]:
     return [m.group(2) for t in tokens for m in PLACEHOLDER.finditer(t) if m.group(1) == "run"]
 
 
-def _experiment(raw: Any, index: int, defaults: Mapping[str, tuple[str, ...]], path: str) -> Experiment:
+def _experiment(raw: Any, index: int, defaults: Mapping[str, tuple[str, ...]], path: str,
+                fallbacks: Mapping[str, str]) -> Experiment:
     where = f"{path}: experiment {index + 1}"
     if not isinstance(raw, dict):
         raise SweepError(f"{where}: expected a mapping, got {raw!r}")
@@ -218,11 +230,49 @@ def _experiment(raw: Any, index: int, defaults: Mapping[str, tuple[str, ...]], p
     args = defaults.get(stage, ()) + _split(raw.get("args"), where)
     creates = _strings(raw.get("creates"), where, "creates")
     after = list(_strings(raw.get("after"), where, "after"))
+    used = {m.group(1): fallbacks[m.group(1)] for t in args + creates for m in PLACEHOLDER.finditer(t)
+            if m.group(1) in fallbacks}
     after += [n for n in _references(args + creates) if n not in after]
     return Experiment(name=name, stage=stage, args=args, module=module, creates=creates,
                       tables=_strings(raw.get("tables"), where, "tables"), resources=str(raw.get("resources", "")),
                       after=tuple(after), note=str(raw.get("note", "")),
-                      models=_strings(raw.get("models"), where, "models"))
+                      models=_strings(raw.get("models"), where, "models"), fallbacks=tuple(used.items()))
+
+
+def _seeded(exp: Experiment, raw: Mapping[str, Any], path: str) -> list[Experiment]:
+    """``exp`` once, or once per entry of its ``seeds`` (``NAME-sN`` with ``--seed N`` appended: a stage flag)."""
+    if "seeds" not in raw:
+        return [exp]
+    seeds = raw["seeds"]
+    if exp.stage == COMMAND or not isinstance(seeds, list) or not seeds or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) or \
+            len(set(seeds)) != len(seeds):
+        raise SweepError(f"{path}: experiment {exp.name}: seeds must be a list of distinct integers >= 0 (and "
+                         "only on a stage experiment)")
+    return [replace(exp, name=f"{exp.name}-s{seed}", args=(*exp.args, "--seed", str(seed))) for seed in seeds]
+
+
+def _needs(raw: Mapping[str, Any], path: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The sweep's ``needs``: key -> description, and key -> default for those that have one. A need is a
+    description, or a mapping ``{about: description, default: text}`` (the default may use ``${run:NAME}``,
+    ``${root}``, never another need)."""
+    about, fallbacks = {}, {}
+    for key, value in _mapping(raw, "needs", path).items():
+        if isinstance(value, dict):
+            unknown = set(value) - {"about", "default"}
+            if unknown or not isinstance(value.get("default", ""), str):
+                raise SweepError(f"{path}: needs.{key} is a description or {{about: TEXT, default: TEXT}}")
+            nested = [m.group(1) for m in PLACEHOLDER.finditer(value.get("default", ""))
+                      if m.group(1) not in ("run", "root")]
+            if nested:
+                raise SweepError(f"{path}: needs.{key}: a default may use ${{run:NAME}} and ${{root}}, not "
+                                 f"${{{nested[0]}}}")
+            about[str(key)] = str(value.get("about", ""))
+            if value.get("default"):
+                fallbacks[str(key)] = value["default"]
+        else:
+            about[str(key)] = str(value)
+    return about, fallbacks
 
 
 def _check_graph(experiments: Mapping[str, Experiment], path: str) -> None:
@@ -244,6 +294,17 @@ def _check_graph(experiments: Mapping[str, Experiment], path: str) -> None:
 
     for name in experiments:
         visit(name, [])
+
+
+def _check_fallbacks(sweep: Sweep) -> None:
+    """Every run a used need default names is among the experiment's ancestors (it waits for it when the user
+    gives no file)."""
+    for exp in sweep.experiments.values():
+        missing = [n for _, text in exp.fallbacks for n in _references([text]) if n not in sweep.ancestors(exp.name)]
+        if missing:
+            raise SweepError(f"{sweep.path}: experiment {exp.name} uses a need whose default is in the run folder of "
+                             f"{missing[0]}, which it does not wait for (add after: [{missing[0]}], or after a step "
+                             f"that creates the file)")
 
 
 def _mapping(raw: Mapping[str, Any], key: str, path: str) -> dict[str, Any]:
@@ -270,14 +331,14 @@ def load_sweep_file(path: str | os.PathLike, name: str | None = None) -> Sweep:
         raise SweepError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(SWEEP_KEYS)})")
     defaults = {stage: _split(value, f"{path}: defaults.{stage}") for stage, value in _mapping(raw, "defaults",
                                                                                              path).items()}
+    needs, fallbacks = _needs(raw, path)
     experiments: dict[str, Experiment] = {}
     for index, item in enumerate(raw["experiments"]):
-        exp = _experiment(item, index, defaults, path)
-        if exp.name in experiments:
-            raise SweepError(f"{path}: experiment {exp.name} is defined twice (each experiment once)")
-        experiments[exp.name] = exp
+        for exp in _seeded(_experiment(item, index, defaults, path, fallbacks), item, path):
+            if exp.name in experiments:
+                raise SweepError(f"{path}: experiment {exp.name} is defined twice (each experiment once)")
+            experiments[exp.name] = exp
     _check_graph(experiments, path)
-    needs = {str(k): str(v) for k, v in _mapping(raw, "needs", path).items()}
     for exp in experiments.values():
         for token in exp.args + exp.creates:
             for match in PLACEHOLDER.finditer(token):
@@ -285,9 +346,11 @@ def load_sweep_file(path: str | os.PathLike, name: str | None = None) -> Sweep:
                 if key not in ("run", "out", "root") and key not in needs:
                     raise SweepError(f"{path}: experiment {exp.name} uses ${{{key}}}, which 'needs' does not "
                                      f"declare")
-    return Sweep(name=name or Path(path).stem, path=path, description=str(raw.get("description", "")).strip(),
-                 experiments=experiments, needs=needs, resources=_mapping(raw, "resources", path),
-                 subsets=_mapping(raw, "subsets", path))
+    sweep = Sweep(name=name or Path(path).stem, path=path, description=str(raw.get("description", "")).strip(),
+                  experiments=experiments, needs=needs, resources=_mapping(raw, "resources", path),
+                  subsets=_mapping(raw, "subsets", path))
+    _check_fallbacks(sweep)
+    return sweep
 
 
 def known_sweeps() -> dict[str, str]:
@@ -339,8 +402,10 @@ def unfilled(tokens: Sequence[str]) -> list[str]:
 
 def resolve_args(exp: Experiment, tokens: Sequence[str], root: str, values: Mapping[str, str | None],
                  missing_ok: bool = False) -> list[str]:
-    """``tokens`` with the placeholders filled in. A missing value (``--imagenet`` not given) is a
-    :class:`SweepError`, or left as ``${name}`` with ``missing_ok`` (a dry run)."""
+    """``tokens`` with the placeholders filled in. A missing value (``--imagenet`` not given) is the need's
+    default if the sweep gives one, else a :class:`SweepError`, or left as ``${name}`` with ``missing_ok`` (a dry
+    run)."""
+    fallbacks = dict(exp.fallbacks)
 
     def fill(match: re.Match) -> str:
         key, arg = match.group(1), match.group(2)
@@ -353,6 +418,8 @@ def resolve_args(exp: Experiment, tokens: Sequence[str], root: str, values: Mapp
         value = values.get(key)
         if value:
             return str(value).rstrip("/") if str(value) != "/" else "/"
+        if key in fallbacks:
+            return PLACEHOLDER.sub(fill, fallbacks[key])
         if missing_ok:
             return match.group(0)
         raise SweepError(f"experiment {exp.name} needs {needs_flag(key)} (the sweep's ${{{key}}})")

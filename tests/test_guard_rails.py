@@ -99,7 +99,7 @@ NEEDS = """
 
 def test_a_dry_run_warns_about_unfilled_placeholders_and_a_launch_refuses_them(tmp_path, capsys):
     tool = run_tool(LAUNCHER, "--sweep", "table3", "--dry-run", "--root", str(tmp_path))
-    assert tool.returncode == 0 and "8 to submit" in tool.stdout and tool.heavy == []
+    assert tool.returncode == 0 and "10 to submit" in tool.stdout and tool.heavy == []
     warnings = [line for line in tool.stderr.splitlines() if "warning" in line]
     assert len(warnings) == 2 and "${imagenet}" in warnings[0] and "pass --imagenet DIR" in warnings[0]
     assert "pass --coco DIR" in warnings[1]
@@ -164,7 +164,7 @@ def test_an_unreadable_result_is_named_not_taken_for_a_missing_run(tmp_path):
 
 def test_python_m_slurm_launches_and_the_stages_are_console_scripts(tmp_path):
     tool = run_tool("-m", "slurm", "--dry-run", "--root", str(tmp_path))
-    assert tool.returncode == 0 and "sweep tiny: 7 experiments" in tool.stdout and tool.heavy == []
+    assert tool.returncode == 0 and "sweep tiny: 13 experiments" in tool.stdout and tool.heavy == []
     names = {"spark-pretrain", "spark-finetune", "spark-detect", "spark-sweep", "spark-results"}
     scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts") if e.name in names}
     assert set(scripts) == names, "installed console scripts (pyproject.toml [project.scripts], make setup)"

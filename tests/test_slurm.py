@@ -56,9 +56,9 @@ def test_table_subsets_hold_each_experiment_once_with_its_dependencies():
             assert set(exp.after) <= set(subset.experiments), f"{name}: {exp.name} misses a dependency"
             assert union.setdefault(exp.name, exp) == exp
     assert set(union) == set(paper.experiments)
-    assert {"r50-spark-pt", "r50-spark-d2", "r50-scratch-det-2x"} <= set(load_sweep("table3").experiments)
+    assert {"r50-spark-pt", "r50-spark-d2", "r50-sup-det-2x", "r50-sup-cls"} <= set(load_sweep("table3").experiments)
     table5 = load_sweep("table5").experiments
-    assert {"cnxs-scratch-cls", "cnxs-spark-cls", "cnxs-zero-cls", "cnxs-nohier-cls", "cnxs-ape-cls",
+    assert {"cnxs-sup-cls", "cnxs-spark-cls", "cnxs-zero-cls", "cnxs-nohier-cls", "cnxs-ape-cls",
             "cnxs-lossall-cls", "cnxs-ep800-cls"} <= set(table5)
 
 
@@ -67,7 +67,7 @@ EXPECTED = {  # stage -> experiment -> (config field, value) its flags must prod
                  "cnxs-ape-pt": ("ape", True), "cnxs-lossall-pt": ("loss_on", "all"), "cnxs-ep800-pt": ("epochs", 800),
                  "cnxl384-spark-pt": ("input_size", 384), "r50-spark-pt": ("epochs", 1600)},
     "cls": {"r50-spark-linear": ("protocol", "linear"), "cnxl384-spark-cls": ("input_size", 384),
-            "r50-scratch-cls": ("weights", "none"), "cnxs-spark-cls": ("epochs", 200)},
+            "r50-sup-cls": ("weights", "none"), "cnxs-spark-cls": ("epochs", 200)},
 }
 
 

@@ -120,10 +120,11 @@ def test_tiny_sweep_runs_through_sbatch_with_afterok(tiny_sweep):
     assert result["stage"] == "pretrain" and len(result["metrics"]["epoch_losses"]) == 6
     tables = root / "tables"
     assert (tables / "pretrain_loss.png").stat().st_size > 10_000 and (tables / "table3.md").exists()
-    # every job of the tiny sweep ran: the miniature of table 3 is complete
+    # every job of the tiny sweep ran: the miniature of tables 3, 6 is complete
     rows = [line for line in (tables / "tiny.md").read_text().splitlines() if line.startswith("| SparK (tiny")]
     assert len(rows) == 1 and "tiny-spark-cls, tiny-spark-det" in rows[0]
-    assert re.search(r"^\| [^|]+ \| \d+\.\d \| \d+\.\d \| \d+\.\d \|", rows[0]), "top-1, box and mask AP"
+    assert re.search(r"^\| [^|]+ \| \d+\.\d \(n=1\) \| \d+\.\d ± \d+\.\d \(n=3\) \| \d+\.\d \(n=1\) \| "
+                     r"\d+\.\d \(n=1\) \|", rows[0]), "fine-tuning, linear probe over 3 seeds, box and mask AP"
     assert (tables / "finetune_top1.png").stat().st_size > 10_000
     # submitit got each kind's requeue cap (slurm/sweeps/resources.yaml): it is in the submitted job
     for name, cap in (("tiny-pretrain", 60), ("tiny-spark-cls", 20), ("tiny-spark-det", 20)):
