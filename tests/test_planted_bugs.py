@@ -83,10 +83,17 @@ def _swapped_bn1_bn2_in_the_detectron2_converter(monkeypatch, tmp_path) -> None:
     from detectron2.layers import ShapeSpec
     from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-    correct = to_d2._rename
+    import pretrain.weights.detectron2 as d2_names
+
+    correct = d2_names._rename
     swap = {".bn1.": ".bn2.", ".bn2.": ".bn1."}
-    monkeypatch.setattr(to_d2, "_rename", lambda key: correct(next(
-        (key.replace(a, b) for a, b in swap.items() if a in key), key)))
+
+    def planted(key: str, rules):
+        if rules is d2_names._FORWARD:  # timm -> Detectron2 only: bn1 and bn2 of every block trade places
+            key = next((key.replace(a, b) for a, b in swap.items() if a in key), key)
+        return correct(key, rules)
+
+    monkeypatch.setattr(d2_names, "_rename", planted)
     state = distinct_state("resnet50")
     torch.save(encoder_payload(state, "resnet50", {}), tmp_path / "r50.pth")
     to_d2.convert_to_detectron2(tmp_path / "r50.pth", tmp_path / "r50.pkl")
