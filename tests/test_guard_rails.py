@@ -90,10 +90,10 @@ def _write(tmp_path, name: str, text: str) -> str:
 NEEDS = """
     needs:
       imagenet: ImageNet root
-      weights: a folder of pretrained weights
+      pretrained: a folder of pretrained weights
     experiments:
       - {name: pt, stage: pretrain, args: "--config tiny --data ${imagenet}/train"}
-      - {name: cls, stage: cls, args: "--config tiny --weights ${weights}/w.pth --data ${imagenet}"}
+      - {name: cls, stage: cls, args: "--config tiny --weights ${pretrained}/w.pth --data ${imagenet}"}
 """
 
 
@@ -114,10 +114,10 @@ def test_a_dry_run_warns_about_unfilled_placeholders_and_a_launch_refuses_them(t
     sweep = _write(tmp_path, "needs.yaml", NEEDS)
     assert launch_main(["--sweep", sweep, "--dry-run", "--root", str(tmp_path), "--imagenet", "/in1k"]) == 0
     err = capsys.readouterr().err
-    assert "${weights} is not filled in: pass --path weights=DIR" in err and "imagenet" not in err
+    assert "${pretrained} is not filled in: pass --path pretrained=DIR" in err and "imagenet" not in err
     error = _error(capsys, lambda: launch_main(["--sweep", sweep, "--root", str(tmp_path), "--cluster", "debug",
                                                "--imagenet", "/in1k"]))
-    assert "experiment cls needs --path weights=DIR" in error
+    assert "experiment cls needs --path pretrained=DIR" in error
     assert not (tmp_path / "sweep-state.json").exists(), "a refused launch submits nothing"
 
 

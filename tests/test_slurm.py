@@ -357,7 +357,7 @@ def test_a_job_stopped_by_sigterm_fails_and_blocks_its_dependants(tmp_path, monk
         out = argv[argv.index("--out") + 1]
         return Outcome("stopped", "stopped by SIGTERM at epoch 1, iteration 3: saved", out, "SIGTERM")
 
-    monkeypatch.setattr(pretrain_stage, "run", stopped)
+    monkeypatch.setattr(pretrain_stage.COMMAND, "run", stopped)  # what a job calls (slurm.stages.stage_command)
     path = _write_sweep(tmp_path, STOPPED_SWEEP)
     code = launch_main(["--cluster", "debug", "--sweep", path, "--root", str(tmp_path / "runs"), "--no-tables"])
     out = capsys.readouterr().out
