@@ -78,6 +78,7 @@ class StageJob(submitit.helpers.Checkpointable):
 
     def _run_stage(self, argv: Sequence[str]) -> Any:
         module = STAGE_MODULES[self.spec.stage]
+        _use_allotted_cpus()
         try:
             return stage_command(self.spec.stage).run(list(argv))
         except SystemExit as exit_:  # the stage's parser rejected the flags; its message is on stderr
@@ -103,7 +104,7 @@ class StageJob(submitit.helpers.Checkpointable):
             return {"status": "completed", "message": "already done", "out": spec.out}
         command = spec.command_line(sys.executable)
         print(f"[sweep] {spec.name}: {' '.join(command)}", flush=True)
-        completed = subprocess.run(command, check=False)
+        completed = subprocess.run(command, check=False, env={**os.environ, **_allotted_thread_env()})
         if completed.returncode != 0:
             raise JobError(f"{spec.name}: python -m {spec.module} failed with exit code {completed.returncode} (its "
                            f"message is in this job's stderr)")
@@ -115,3 +116,21 @@ class StageJob(submitit.helpers.Checkpointable):
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or time-out: requeue this job with the stage's resume flag."""
         return submitit.helpers.DelayedSubmission(type(self)(replace(self.spec, resume=True)))
+
+
+def _allotted_thread_env() -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for the CPUs SLURM gave the task (``SLURM_CPUS_PER_TASK``), unless the user set it."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if not cpus.isdigit() or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": cpus}
+
+
+def _use_allotted_cpus() -> None:
+    """Run torch's intra-op threads on the CPUs SLURM gave the task: where the node does not bind tasks to their
+    CPUs, torch would start one thread per core of the node, and jobs sharing the node would oversubscribe it."""
+    threads = _allotted_thread_env().get("OMP_NUM_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))

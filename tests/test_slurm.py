@@ -365,3 +365,25 @@ def test_a_job_stopped_by_sigterm_fails_and_blocks_its_dependants(tmp_path, monk
     assert "failed pt:" in out and "no afterok job starts" in out
     assert "blocked cls: needs pt (failed)" in out
     assert set(SweepState(str(tmp_path / "runs")).experiments) == {"pt"}
+
+
+def test_a_job_runs_torch_on_the_cpus_slurm_gave_it(monkeypatch):
+    """The local cluster (task/none) does not bind tasks to CPUs: a job must not start one thread per core of
+    the node, or jobs sharing it oversubscribe the cores (seen: 20x slower steps with two jobs on 2 cores)."""
+    import torch
+
+    from slurm.jobs import _allotted_thread_env, _use_allotted_cpus
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert _allotted_thread_env() == {"OMP_NUM_THREADS": "1"}
+    before = torch.get_num_threads()
+    try:
+        _use_allotted_cpus()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's own setting wins
+    assert _allotted_thread_env() == {}
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    assert _allotted_thread_env() == {}
