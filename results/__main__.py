@@ -29,11 +29,10 @@ PROG = "python -m results"
 TABLES = "tables"  # the default output folder under --root
 
 
-def write_all(root: str, out: str, specs_path: str = str(PAPER_FILE), unreadable: list[str] | None = None,
-              sweeps: Sequence[str] | None = None) -> list[str]:
+def write_all(root: str, out: str, specs_path: str = str(PAPER_FILE), unreadable: list[str] | None = None
+              ) -> list[str]:
     """Write every table file and plot; returns the paths written. ``unreadable`` receives one line per
-    ``result.json`` that could not be read; ``sweeps``: the sweep files whose experiments the notes describe
-    (default: every file of slurm/sweeps)."""
+    ``result.json`` that could not be read."""
     if not os.path.isdir(root):
         raise SuiteError(f"--root {root}: no such folder")
     runs = collect_runs(root, unreadable)
@@ -42,7 +41,7 @@ def write_all(root: str, out: str, specs_path: str = str(PAPER_FILE), unreadable
         if spec.write == "always" or has_run(spec, runs):
             by_file[spec.file].append(spec)
     os.makedirs(out, exist_ok=True)
-    origins = run_origins(sweeps)
+    origins = run_origins()
     written = []
     for name, specs in by_file.items():
         for suffix, text in ((".md", render_markdown(specs, runs, root, origins)), (".csv", render_csv(specs, runs))):

@@ -16,8 +16,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from pretrain.runtime.cli import ArgumentParser, run_cli
 from pretrain.runtime.errors import SuiteError
 from pretrain.runtime.io import atomic_write_text
@@ -35,11 +33,7 @@ OUTPUT = "evaluation"
 def evaluation_specs(model: str, runs: Sequence[str] | dict, path: str | os.PathLike = EVALUATION_FILE
                      ) -> list[TableSpec]:
     """The tables of ``path`` for architecture ``model`` given the finished ``runs`` (see the module docstring)."""
-    try:
-        globs = {t["id"]: tuple(t.get("models", ("*",))) for t in yaml.safe_load(Path(path).read_text())["tables"]}
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
-        raise SuiteError(f"cannot read the table definitions {path}: {' '.join(str(error).split())}") from None
-    matching = [s for s in load_specs(path) if any(fnmatch.fnmatchcase(model, g) for g in globs[s.id])]
+    matching = [s for s in load_specs(path) if any(fnmatch.fnmatchcase(model, g) for g in s.models)]
     first = next((s for s in matching if s.write == "always"), None)
     return [s for s in matching if s is first or (s.write == "when_run" and has_run(s, runs))]
 

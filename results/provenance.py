@@ -9,9 +9,7 @@ run's preset and the flags it adds. Imports no torch.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from slurm.sweep import PLACEHOLDER, SWEEPS_DIR, Experiment, Sweep, load_sweep_file
 
@@ -45,7 +43,7 @@ def _extra_flags(args: Sequence[str]) -> list[str]:
     return kept
 
 
-def _text(token: str, exp: Experiment, sweep: Sweep) -> str:
+def _text(token: str, exp: Experiment) -> str:
     """A sweep token in words: ``${run:NAME}`` -> NAME, a defaulted need -> its default or ``--path KEY=FILE``,
     another need -> its key in capitals."""
     fallbacks = dict(exp.fallbacks)
@@ -65,13 +63,13 @@ def _source(token: str, exp: Experiment, sweep: Sweep) -> str:
     """The starting weights ``token`` in words, following the command step or pretraining run that made them."""
     if token == "none":
         return "random initialisation"
-    text = _text(token, exp, sweep)
+    text = _text(token, exp)
     runs = [m.group(2) for m in PLACEHOLDER.finditer(token) if m.group(1) == "run"]
     maker = sweep.experiments.get(runs[0]) if runs else None
     if maker is None:
         return text
     if maker.stage == "command":
-        inputs = [_text(t, maker, sweep) for t in maker.args if "${out}" not in t]
+        inputs = [_text(t, maker) for t in maker.args if "${out}" not in t]
         return f"{text} (python -m {maker.module} {' '.join(inputs)})"
     if maker.stage == "pretrain":
         return f"{text} ({describe(maker, sweep)})"
@@ -85,20 +83,21 @@ def describe(exp: Experiment, sweep: Sweep) -> str:
     parts = [f"{kind} {config}" if config else kind]
     extra = _extra_flags(exp.args)
     if extra:
-        parts[0] += " " + " ".join(_text(t, exp, sweep) for t in extra)
+        parts[0] += " " + " ".join(_text(t, exp) for t in extra)
     weights = _flag(exp.args, ("--weights",))
     if weights:
         parts.append(f"from {_source(weights, exp, sweep)}")
     return ", ".join(parts)
 
 
-def run_origins(sweeps: Sequence[str | os.PathLike] | None = None) -> dict[str, str]:
-    """Run folder -> :func:`describe` of its experiment, for every stage experiment of ``sweeps`` (default: every
-    file of ``slurm/sweeps`` but resources.yaml)."""
-    paths = sweeps if sweeps is not None else [p for p in sorted(SWEEPS_DIR.glob("*.yaml")) if p.stem != "resources"]
+def run_origins() -> dict[str, str]:
+    """Run folder -> :func:`describe` of its experiment, for every stage experiment of every file of
+    ``slurm/sweeps`` but resources.yaml."""
     origins: dict[str, str] = {}
-    for path in paths:
-        sweep = load_sweep_file(Path(path))
+    for path in sorted(SWEEPS_DIR.glob("*.yaml")):
+        if path.stem == "resources":
+            continue
+        sweep = load_sweep_file(path)
         for exp in sweep.experiments.values():
             if exp.stage != "command":
                 origins.setdefault(exp.name, describe(exp, sweep))

@@ -68,6 +68,7 @@ class TableSpec:
     columns: tuple[Column, ...]
     rows: tuple[Row, ...]
     write: str = "always"  # or "when_run": only when one of the table's runs has finished
+    models: tuple[str, ...] = ("*",)  # the architectures the table applies to (globs; results/evaluation.yaml)
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,14 @@ class Cell:
 
     paper: float | None = None
     value: float | None = None
-    folder: str = ""
+    folders: tuple[str, ...] = ()
     std: float | None = None
     n: int = 0
+
+    @property
+    def folder(self) -> str:
+        """The run folders, comma-separated (the CSV's ``run_folder``)."""
+        return ", ".join(self.folders)
 
     @property
     def difference(self) -> float | None:
@@ -117,7 +123,7 @@ def load_specs(path: str | os.PathLike = PAPER_FILE) -> list[TableSpec]:
             rows = tuple(Row(**{**r, "diff": tuple(r.get("diff", ())), "runs": _folders(r.get("runs", {}))})
                          for r in table["rows"])
             specs.append(TableSpec(table["id"], table["file"], table["title"], columns, rows,
-                                   table.get("write", "always")))
+                                   table.get("write", "always"), tuple(table.get("models", ("*",)))))
     except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
         raise SuiteError(f"cannot read the table definitions {path}: {' '.join(str(error).split())}") from None
     return specs
@@ -141,7 +147,7 @@ def _cell(row: Row, column: Column, runs: Mapping[str, RunResult]) -> Cell:
         if value is not None:
             found[folder] = value
     mean, std = mean_std(list(found.values()))
-    return Cell(paper, mean, ", ".join(found), std, len(found))
+    return Cell(paper, mean, tuple(found), std, len(found))
 
 
 def _minus(a: Cell, b: Cell) -> Cell:
@@ -222,7 +228,7 @@ def render_markdown(specs: Sequence[TableSpec], runs: Mapping[str, RunResult], r
         lines = [f"## {spec.title}", "", f"{legend}. {DASH}: no finished run under `{root}`.", "",
                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row, row_cells, note in zip(spec.rows, cells, notes):
-            folders = sorted({f for c in row_cells if c.folder for f in c.folder.split(", ")})
+            folders = sorted({f for c in row_cells for f in c.folders})
             line = [row.label, *[_markdown_cell(c, col, row, seeds) for c, col in zip(row_cells, spec.columns)],
                     ", ".join(folders) or DASH, *([note] if any(notes) else [])]
             lines.append("| " + " | ".join(line) + " |")

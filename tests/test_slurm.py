@@ -387,3 +387,35 @@ def test_a_job_runs_torch_on_the_cpus_slurm_gave_it(monkeypatch):
     assert _allotted_thread_env() == {}
     monkeypatch.delenv("SLURM_CPUS_PER_TASK")
     assert _allotted_thread_env() == {}
+
+
+def test_stage_and_command_jobs_run_on_the_cpus_slurm_gave_them(monkeypatch, tmp_path):
+    """Through the job, not the helpers: a stage runs in-process with torch's threads set to SLURM_CPUS_PER_TASK,
+    a command step gets OMP_NUM_THREADS for its own process."""
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    seen = []
+
+    class RecordingStage:
+        def run(self, argv):
+            seen.append(torch.get_num_threads())
+            return Outcome("completed", "done")
+
+    monkeypatch.setattr("slurm.jobs.stage_command", lambda stage: RecordingStage())
+    before = torch.get_num_threads()
+    try:
+        assert StageJob(_spec(tmp_path, "cls"))()["status"] == "completed"
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+    (tmp_path / "report_threads.py").write_text(
+        "import os, sys\nopen(sys.argv[1], 'w').write(os.environ.get('OMP_NUM_THREADS', 'unset'))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    report = tmp_path / "threads.txt"
+    step = JobSpec(name="c", stage="command", argv=(str(report),), out=str(tmp_path / "c"),
+                   module="report_threads", creates=(str(report),))
+    assert StageJob(step)()["status"] == "completed"
+    assert report.read_text() == "1"

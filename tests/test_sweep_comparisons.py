@@ -89,6 +89,20 @@ def test_the_user_s_supervised_weights_replace_the_baseline_run(tmp_path):
     assert wrong["r50-sup-weights"].action == "blocked", "a missing file is not taken for finished weights"
 
 
+def test_the_user_s_supervised_convnext_replaces_its_baseline_run(tmp_path):
+    """ConvNeXt's supervised COCO row needs no conversion: with the user's file, detection waits for nothing."""
+    sweep, root = load_sweep("paper"), tmp_path / "runs"
+    mine = tmp_path / "convnext_base_in1k.pth"
+    mine.write_bytes(b"weights")
+    steps = make_plan(sweep, sweep.select(("det",), ("cnxb-sup-*",)), str(root),
+                      {"coco": "/coco", "supervised_convnext_base": str(mine)}, load_resources(),
+                      SweepState(str(root)), {})
+    given = {s.exp.name: s for s in steps}
+    assert (given["cnxb-sup-weights"].action, given["cnxb-sup-weights"].reason) == ("skip", "completed")
+    assert (given["cnxb-sup-det-3x"].action, given["cnxb-sup-det-3x"].parents) == ("submit", ())
+    assert str(mine) in given["cnxb-sup-det-3x"].spec.argv
+
+
 def test_convnext_large_384_pretrains_with_the_published_readme_settings(tmp_path):
     exp = load_sweep("paper").experiments["cnxl384-spark-pt"]
     cfg = _parse("pretrain", exp, tmp_path)
