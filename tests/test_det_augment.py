@@ -21,6 +21,7 @@ from pretrain.runtime.result import read_result
 T = importlib.import_module("detectron2.data.transforms")
 utils = importlib.import_module("detectron2.data.detection_utils")
 structures = importlib.import_module("detectron2.structures")
+DatasetMapper = importlib.import_module("detectron2.data").DatasetMapper
 
 CONVNEXT = "mask_rcnn_convnext_base_FPN_3x"
 SIZES_A = tuple(range(480, 801, 32))
@@ -140,3 +141,11 @@ def test_convnext_config_trains_end_to_end_on_the_demo_set(coco, tmp_path):
     assert {f"backbone.bottom_up.norm{i}.weight" for i in range(4)} <= set(state)
     assert not any(k.startswith("roi_heads.box_head.conv") or ".norm." in k for k in state
                    if k.startswith(("roi_heads", "backbone.fpn")))
+
+
+def test_without_the_crop_branch_the_mapper_keeps_detectron2s_own_augmentation_crop_included():
+    """``INPUT.CROP.ENABLED True`` (the literal reading of table 9's crop) reaches the mapper, as Detectron2 has it."""
+    cfg = load_config("mask_rcnn_R_50_FPN_1x", ["INPUT.CROP.ENABLED", "True"])
+    ours = [type(a) for a in build_train_mapper(cfg).augmentations.augs]
+    assert ours == [type(a) for a in DatasetMapper(cfg, is_train=True).augmentations.augs]
+    assert ours[0] is T.RandomCrop

@@ -136,3 +136,16 @@ def test_run_adaptation_of_synchronised_batchnorm():
 def test_config_usage_errors(config, overrides, message):
     with pytest.raises(UsageError, match=message):
         load_config(config, overrides)
+
+
+def test_stage_norms_normalise_every_output_and_the_layer_scale_init_reaches_the_model():
+    """MODEL.TIMM.STAGE_NORM: each stage output goes through its fresh LayerNorm (weight 1, bias 0: zero mean and
+    unit variance over channels at every pixel); MODEL.TIMM.LS_INIT_VALUE sets every block's layer scale."""
+    backbone = TimmBackbone("convnext_atto", stage_norm="LN", ls_init_value=1.0)
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, 64, 64))
+    assert len(features) == 4
+    for feature in features.values():
+        assert feature.mean(1).abs().max() < 1e-4 and (feature.var(1, unbiased=False) - 1).abs().max() < 1e-2
+    gammas = [block.gamma for stage in backbone.model.stages for block in stage.blocks]
+    assert gammas and all(bool((gamma == 1.0).all()) for gamma in gammas)

@@ -12,8 +12,8 @@ scheme comes from DETR) trains on one of two branches per image, each chosen hal
     no object, MMDetection's ``allow_negative_crop``), then resize as in (a);
 
 then a random horizontal flip (``INPUT.RANDOM_FLIP``; the order of flip and resize does not change what is
-drawn). ``INPUT.CROP_BRANCH.ENABLED False`` keeps Detectron2's own augmentation
-(``detectron2.data.detection_utils.build_augmentation``).
+drawn). ``INPUT.CROP_BRANCH.ENABLED False`` keeps Detectron2's own augmentation, as its ``DatasetMapper`` builds it
+(``INPUT.CROP`` when enabled, then ``detection_utils.build_augmentation``: resize, flip).
 
 Cropping polygon masks needs ``shapely``, which Detectron2 0.6 imports for it; MMDetection crops bitmaps
 (``LoadAnnotations(poly2mask=True)``). With ``INPUT.MASK_FORMAT bitmask`` the mapper rasterises the polygons at the
@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from pycocotools import mask as mask_util
 
@@ -61,10 +60,10 @@ class RandomBranch(T.Augmentation):
 
 def build_train_augmentation(cfg: CfgNode) -> list[T.Augmentation]:
     """The training augmentation of ``cfg``: the two branches (module docstring) when ``INPUT.CROP_BRANCH.ENABLED``,
-    else Detectron2's default (resize, optional crop, flip)."""
+    else Detectron2's ``DatasetMapper``'s own (``INPUT.CROP`` if enabled, resize, flip)."""
     branch = cfg.INPUT.CROP_BRANCH
     if not branch.ENABLED:
-        return utils.build_augmentation(cfg, is_train=True)
+        return DatasetMapper.from_config(cfg, is_train=True)["augmentations"]
     if cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING != "choice":
         raise UsageError("INPUT.CROP_BRANCH needs INPUT.MIN_SIZE_TRAIN_SAMPLING choice (sizes drawn from a list)")
     if cfg.MODEL.MASK_ON and cfg.INPUT.MASK_FORMAT != "bitmask":
@@ -97,7 +96,9 @@ class DetDatasetMapper(DatasetMapper):
 
 
 def build_train_mapper(cfg: CfgNode) -> DetDatasetMapper:
-    """The training mapper of ``cfg``: Detectron2's settings with :func:`build_train_augmentation`."""
+    """The training mapper of ``cfg``: Detectron2's settings, with the two branches of
+    :func:`build_train_augmentation` when ``INPUT.CROP_BRANCH.ENABLED``."""
     kwargs = DatasetMapper.from_config(cfg, is_train=True)
-    kwargs["augmentations"] = build_train_augmentation(cfg)
+    if cfg.INPUT.CROP_BRANCH.ENABLED:
+        kwargs["augmentations"] = build_train_augmentation(cfg)
     return DetDatasetMapper(**kwargs)

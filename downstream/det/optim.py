@@ -33,14 +33,10 @@ from torch import nn
 
 from .backbone import stage_prefixes
 
-__all__ = ["NORM_MODULES", "WEIGHT_DECAY_EXEMPTS", "build_optimizer", "layer_ids", "param_groups", "weight_decays"]
+__all__ = ["WEIGHT_DECAY_EXEMPTS", "build_optimizer", "layer_ids", "param_groups", "weight_decays"]
 
 _BLOCK = re.compile(r"(?:blocks\.)?b?(\d+)\.")
 WEIGHT_DECAY_EXEMPTS = ("1d", "norm")
-# The normalisation layers of Detectron2 0.6's get_default_optimizer_params (solver/build.py); Detectron2's
-# NaiveSyncBatchNorm and timm's LayerNorm2d are subclasses of two of them.
-NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
-                nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def _stage_of(relative: str, stages: tuple[str, ...]) -> tuple[int, int] | None:
@@ -81,19 +77,17 @@ def layer_ids(names: Iterable[str], prefix: str, stages: tuple[str, ...]) -> tup
 
 def weight_decays(model: nn.Module, weight_decay: float, exempt: str = "1d", weight_decay_norm: float = 0.0,
                   weight_decay_bias: float | None = None) -> dict[str, float]:
-    """Weight decay of every parameter of ``model`` by name, under the ``exempt`` rule (module docstring)."""
+    """Weight decay of every trainable parameter of ``model`` by name, under the ``exempt`` rule (module
+    docstring; ``norm`` asks Detectron2's own ``get_default_optimizer_params``)."""
     if exempt not in WEIGHT_DECAY_EXEMPTS:
         raise ValueError(f"SOLVER.WEIGHT_DECAY_EXEMPT must be one of {WEIGHT_DECAY_EXEMPTS}; got {exempt!r}")
-    decays: dict[str, float] = {}
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            name = f"{module_name}.{param_name}" if module_name else param_name
-            if exempt == "1d":
-                decays[name] = 0.0 if param.ndim <= 1 or param_name == "bias" else weight_decay
-                continue
-            decay = weight_decay_norm if isinstance(module, NORM_MODULES) else weight_decay
-            decays[name] = weight_decay_bias if param_name == "bias" and weight_decay_bias is not None else decay
-    return decays
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if exempt == "1d":  # biases are 1-D too
+        return {name: 0.0 if param.ndim <= 1 else weight_decay for name, param in named}
+    groups = get_default_optimizer_params(model, weight_decay=weight_decay, weight_decay_norm=weight_decay_norm,
+                                          weight_decay_bias=weight_decay_bias)
+    by_param = {id(param): group["weight_decay"] for group in groups for param in group["params"]}
+    return {name: by_param[id(param)] for name, param in named}
 
 
 def param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float, exempt: str = "1d",
