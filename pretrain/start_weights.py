@@ -12,7 +12,6 @@ released files), else ``width``; a resumed run keeps the value its run folder's 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import posixpath
 from typing import Any
@@ -21,6 +20,7 @@ from iopath.common.file_io import PathManager
 
 from .config import PretrainConfig
 from .runtime.config import ConfigError
+from .runtime.io import read_json
 
 __all__ = ["KEYS_SHOWN", "StartWeights", "load_start_weights", "start_weights"]
 
@@ -39,10 +39,9 @@ class StartWeights:
 
 def _recorded_proj(resume_from: str, pm: PathManager) -> str:
     """``densify_proj`` of the run the checkpoint belongs to (its folder's ``config.json``), ``width`` if unsaid."""
-    config = posixpath.join(posixpath.dirname(resume_from), "config.json")
     try:
-        with pm.open(config) as f:
-            value = json.load(f).get("densify_proj", DEFAULT_PROJ)
+        value = read_json(posixpath.join(posixpath.dirname(resume_from), "config.json"), pm).get(
+            "densify_proj", DEFAULT_PROJ)
     except (OSError, ValueError, AttributeError):
         return DEFAULT_PROJ
     return value if value in ("width", "published") else DEFAULT_PROJ

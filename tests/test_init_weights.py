@@ -24,6 +24,7 @@ from pretrain.runner import _build_model
 from pretrain.runtime.distributed import DistEnv
 from pretrain.spark import build_spark
 from pretrain.start_weights import start_weights
+from pretrain.weights import WeightsError, load_spark_weights, read_weights
 from pretrain.weights.suite import ENCODER_PREFIX
 
 RUN = ["--preset", "tiny", "--input-size", str(SIZE), "--batch-size", "4", "--global-batch", "4", "--workers", "0",
@@ -102,6 +103,8 @@ def test_a_published_convnext_decoder_fits_only_the_published_projections(sparks
     cfg = _config("convnext_atto", "densify_proj", "width", "init_weights", path)
     with pytest.raises(Exception, match="published densify projections; --densify-proj width"):
         start_weights(cfg, None)
+    with pytest.raises(WeightsError, match="6 unexpected"):  # loading it anyway names the decoder keys with no place
+        load_spark_weights(width, read_weights(path))
 
 
 def test_a_run_from_a_spark_style_file_starts_at_epoch_0_and_logs_the_keys(data, sparks, files, tmp_path, caplog):
@@ -150,6 +153,13 @@ def test_a_checkpoint_to_resume_wins_over_the_file(data, files, tmp_path, caplog
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("resuming from") and f"--init-weights {init} is not read" in m for m in messages)
     assert json.loads((out / "result.json").read_text())["metrics"]["epochs"] == 2
+
+
+def test_a_resumed_run_keeps_the_densify_proj_its_config_recorded(tmp_path):
+    """The run's own config.json, not the default, settles the decoder a resume rebuilds."""
+    (tmp_path / "config.json").write_text(json.dumps({"densify_proj": "published"}))
+    start = start_weights(_config("resnet18"), str(tmp_path / "checkpoint-last.pth"))
+    assert start.cfg.densify_proj == "published" and start.weights is None
 
 
 @pytest.mark.parametrize(("case", "model", "message"), [

@@ -228,6 +228,7 @@ def test_the_reader_identifies_every_layout_and_returns_timm_weights(layouts, sp
         "timm-checkpoint", "finetuning")  # a fresh classifier (encoder files) is left out, a trained one kept
     if case in ("timm-checkpoint", "finetuning"):
         assert set(weights.variants) == {"timm-checkpoint": {"state_dict_ema"}, "finetuning": {"ema0.99"}}[case]
+        assert all(v.keys() == weights.state_dict.keys() for v in weights.variants.values())  # EMAs named alike
     if case in ("pretraining", "spark-style-r18", "spark-style-cnx"):
         decoder = {k: v for k, v in sparks[name].state_dict().items() if not k.startswith(ENCODER_PREFIX)}
         assert weights.decoder.keys() == decoder.keys()

@@ -30,6 +30,7 @@ from pretrain.runtime.schedule import build_schedule
 from pretrain.runtime.signals import StopRequest
 from pretrain.runtime.stage import Outcome, find_resume_path, prepare_run
 from pretrain.runtime.training import TrainingJob, train
+from pretrain.weights.suite import CLS_STAGE
 
 from .best import BEST, BestWeightsHook
 from .config import ClsConfig
@@ -182,7 +183,7 @@ def finetune(cfg: ClsConfig, env: DistEnv, stop: StopRequest | None = None) -> O
         "fine-tuning checkpoint of python -m downstream.cls",
         step_hooks=[TrainModeHook(model, cfg.protocol), EmaHook(lambda: emas.update(model))],
         epoch_hooks=[evaluation, BestWeightsHook(cfg.out, cfg.model, evaluated, record)],
-        extra=lambda state: {STAGE_KEY: "cls", "classes": list(data.classes)},
+        extra=lambda state: {STAGE_KEY: CLS_STAGE, "classes": list(data.classes)},
         summary=f"{cfg.protocol}, {num_classes} classes, {len(data.train)} train / {len(data.val)} val images, "
                 f"EMAs {list(cfg.ema_decays) or 'none'}")
     end = train(cfg, env, stop or StopRequest(), precision, job, record, resume_from)

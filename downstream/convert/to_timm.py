@@ -22,7 +22,7 @@ from torch import nn
 
 from pretrain.runtime.checkpoint import save_torch
 from pretrain.weights import ArchitectureMismatch, Weights, WeightsError, read_weights, timm_file_payload
-from pretrain.weights.architectures import architecture, key_examples
+from pretrain.weights.architectures import architecture, classifier_prefixes, key_examples
 
 __all__ = [
     "ConvertError",
@@ -59,12 +59,6 @@ class LoadReport:
 def read_timm_weights(path: str | os.PathLike, model_name: str | None = None, trust: bool = False) -> Weights:
     """:func:`pretrain.weights.read_weights` (kept under the converter's name): timm-named weights of ``path``."""
     return read_weights(path, model_name, trust=trust)
-
-
-def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Module prefixes of a timm model's classifier(s), from its pretrained config (``fc``, ``head.fc``...)."""
-    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    return tuple(n + "." for n in ((names,) if isinstance(names, str) else names))
 
 
 def convert_to_timm(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,

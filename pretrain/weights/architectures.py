@@ -60,6 +60,12 @@ def _tail_keys(model: nn.Module) -> tuple[str, ...]:
     return tuple(k for k in before if k not in after)
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module prefixes of a timm model's classifier(s), from its pretrained config (``fc``, ``head.fc``...)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    return tuple(n + "." for n in ((names,) if isinstance(names, str) else names))
+
+
 def architecture(name: str) -> Architecture:
     """The :class:`Architecture` of timm ``name``; :class:`WeightsError` for a name timm does not know."""
     import timm
@@ -69,8 +75,7 @@ def architecture(name: str) -> Architecture:
             model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as error:  # timm: "Unknown model (...)"
         raise WeightsError(f"{error}".strip()) from error
-    names = model.pretrained_cfg.get("classifier") or ()
-    prefixes = tuple(n + "." for n in ((names,) if isinstance(names, str) else names))
+    prefixes = classifier_prefixes(model)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     return Architecture(name, shapes, prefixes, _tail_keys(model), model)
 

@@ -16,17 +16,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pretrain.runtime.io import staged_folder
+
 from .files import HUB_CONFIG, WeightsError
 from .reader import Weights
 
-__all__ = ["FRESH_SEED", "HUB_PRETRAINED_CFG", "fresh_timm_state", "timm_file_payload", "write_hub_folder"]
+__all__ = ["FRESH_SEED", "HUB_PRETRAINED_CFG", "fresh_timm_model", "fresh_timm_state", "timm_file_payload",
+           "write_hub_folder"]
 
 FRESH_SEED = 0  # seed of the timm initialisation that fills untrained keys (a fresh classifier)
 # pretrained_cfg entries of an exported Hub folder: SparK weights, not the weights timm's default tag describes.
@@ -38,14 +40,19 @@ HUB_PRETRAINED_CFG = {
 }
 
 
-def fresh_timm_state(model_name: str, **timm_kwargs: Any) -> dict[str, torch.Tensor]:
-    """``timm.create_model(model_name, **timm_kwargs).state_dict()`` initialised with seed :data:`FRESH_SEED`,
-    without touching the caller's random generators."""
+def fresh_timm_model(model_name: str, **timm_kwargs: Any) -> torch.nn.Module:
+    """``timm.create_model(model_name, **timm_kwargs)`` initialised with seed :data:`FRESH_SEED`, without touching
+    the caller's random generators."""
     import timm
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(FRESH_SEED)
-        return timm.create_model(model_name, pretrained=False, **timm_kwargs).state_dict()
+        return timm.create_model(model_name, pretrained=False, **timm_kwargs)
+
+
+def fresh_timm_state(model_name: str, **timm_kwargs: Any) -> dict[str, torch.Tensor]:
+    """The state dict of :func:`fresh_timm_model`."""
+    return fresh_timm_model(model_name, **timm_kwargs).state_dict()
 
 
 def timm_file_payload(state: Mapping[str, torch.Tensor], model_name: str, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,29 +86,18 @@ def write_hub_folder(weights: Weights, folder: str | os.PathLike, force: bool = 
     Written into a sibling temporary folder and renamed into place, so a failure leaves nothing behind. An
     existing ``folder`` is an error unless ``force`` (then it is replaced). Returns the folder.
     """
-    import timm
     from timm.models import save_for_hf
 
     folder = Path(folder)
     if folder.exists() and not force:
         raise WeightsError(f"{folder} exists; add --force to replace it")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(FRESH_SEED)
-        model = timm.create_model(weights.model_name, pretrained=False, num_classes=0,
-                                  pretrained_cfg_overlay=HUB_PRETRAINED_CFG)
+    model = fresh_timm_model(weights.model_name, num_classes=0, pretrained_cfg_overlay=HUB_PRETRAINED_CFG)
     result = model.load_state_dict(_without_classifier(weights), strict=False)
     if result.unexpected_keys or set(result.missing_keys) - set(weights.missing):
         raise WeightsError(f"{weights.path} does not fit headless timm {weights.model_name}: missing "
                            f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(folder, overwrite=force) as tmp:
         save_for_hf(model, str(tmp), safe_serialization=True)
         if not (tmp / HUB_CONFIG).is_file():
             raise WeightsError(f"timm wrote no {HUB_CONFIG} into {tmp}")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
