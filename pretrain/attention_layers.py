@@ -33,7 +33,7 @@ from torch import nn
 from .mask_context import SparsityContext, TokenScope
 from .site_maps import NoSparseVersion
 
-__all__ = ["SCOPED_LAYERS", "ScopedAttention", "named_class", "scoped_class"]
+__all__ = ["SCOPED_LAYERS", "ScopedAttention", "named_class"]
 
 
 class ScopedAttention(nn.Module):
@@ -137,8 +137,3 @@ def _build(specs: Mapping[str, Callable]) -> Mapping[type, type]:
 
 # timm class -> its scoped subclass (exact class match), for pretrain.sparse.sparsify.
 SCOPED_LAYERS: Mapping[type, type] = _build(_SCOPES)
-
-
-def scoped_class(module: nn.Module) -> type | None:
-    """The scoped subclass for ``module``'s exact class, or None."""
-    return SCOPED_LAYERS.get(type(module))

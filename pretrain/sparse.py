@@ -36,7 +36,7 @@ from timm.layers import activations as timm_act
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .attention_layers import named_class, scoped_class
+from .attention_layers import SCOPED_LAYERS, named_class
 from .gather import gatherable
 from .mask_context import SparsityContext, VisibleSites, upsample_mask
 from .site_maps import NoSparseVersion, fill_masked
@@ -233,8 +233,7 @@ class SparseBatchNorm1d(nn.BatchNorm1d, _SparseLayer):
                 f"BatchNorm1d over a sequence of shape {tuple(x.shape)} whose tokens are not identifiable as sites"
             )
         mask = rows.view(rows.shape[0], 1, rows.shape[1], 1).to(x.dtype)
-        sites = VisibleSites.of(rows.sum(dtype=torch.float64), rows.numel())
-        out = masked_batch_norm(self, x.unsqueeze(-1), mask, self.sparsity.sync_batchnorm, sites)
+        out = masked_batch_norm(self, x.unsqueeze(-1), mask, self.sparsity.sync_batchnorm)
         return out.squeeze(-1)
 
 
@@ -287,12 +286,13 @@ ZERO_PRESERVING: tuple[type, ...] = (
     timm_act.GELU, timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.GELUTanh,
 )
 
-# Layers rebuilt as a sparse subclass (exact class match).
+# Layers rebuilt as a sparse subclass (exact class match); timm's attention layers get their scoped subclass.
 _REBUILT: Mapping[type, type] = MappingProxyType({
     nn.BatchNorm1d: SparseBatchNorm1d,
     nn.BatchNorm2d: SparseBatchNorm2d,
     BatchNormAct2d: SparseBatchNormAct2d,
     nn.MaxPool2d: SparseMaxPool2d,
+    **SCOPED_LAYERS,
 })
 
 # How convolutions and linear layers on feature maps run: densely then masked, or at visible sites only.
@@ -349,8 +349,7 @@ def sparsify(model: nn.Module, sparsity: SparsityContext, backend: str = "masked
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             path = f"{prefix}{name}"
-            sparse_cls = (_REBUILT.get(type(child)) or scoped_class(child)
-                          or (gatherable(child) if backend == "gather" else None))
+            sparse_cls = _REBUILT.get(type(child)) or (gatherable(child) if backend == "gather" else None)
             if sparse_cls is not None:
                 rebuilt = rebuild_as(child, sparse_cls)
                 rebuilt.sparsity = sparsity

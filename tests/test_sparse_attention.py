@@ -69,6 +69,15 @@ def test_scaled_dot_product_attention_over_a_maps_tokens_sees_visible_keys_only(
                                   lambda q, k, v, rows: F.scaled_dot_product_attention(q, k, v))
 
 
+def test_a_boolean_attention_mask_is_kept_for_visible_keys() -> None:
+    allowed = torch.rand(HEADS, 64, 64, generator=torch.Generator().manual_seed(6)) > 0.5
+    allowed |= torch.eye(64, dtype=torch.bool)  # every query keeps one key of its own
+    _check_against_visible_tokens(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+        lambda q, k, v, rows: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, rows][:, :, rows]),
+    )
+
+
 def test_an_additive_attention_mask_is_kept_for_visible_keys() -> None:
     bias = torch.randn(HEADS, 64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     _check_against_visible_tokens(
@@ -127,7 +136,9 @@ def test_halo_attention_keeps_padding_keys_drops_masked_ones_and_zeroes_empty_wi
 
 def test_pooled_keys_average_and_normalise_visible_tokens() -> None:
     """NextViT's key path: a 1-D average pool in raster order, then BatchNorm1d over the pooled tokens."""
-    active = random_mask(2, 2, keep=3, seed=4)  # windows of two rows see one or two visible patches
+    # windows of two rows see two, one or no visible patches: a pooled token that is masked must stay out of the
+    # BatchNorm statistics
+    active = torch.tensor([[True, True], [False, False], [True, False], [False, True]]).view(2, 1, 2, 2)
     rows = _visible_rows(active)
     tokens = (torch.randn(2, 5, 64, dtype=torch.float64) * 3 + 1) * rows[:, None].double()
     tokens.requires_grad_()
